@@ -1,0 +1,24 @@
+"""dspark-jax: DSpark speculative decoding in JAX / Flax NNX.
+
+Public API (stable names):
+
+  load_target(path_or_id, *, dtype="float32", mesh=None) -> Target
+  generate(target, prompts, *, draft=None, max_new_tokens, temperature=0.0, top_k=0,
+           top_p=1.0, seed=0, stop_tokens=None, ...) -> GenerationResult
+  load_draft(path, target) / save_draft(draft, path)
+  propose_block(target, draft, prefix_token_ids, *, temperature=0.0, seed=0)
+"""
+
+# ---- configs ---------------------------------------------------------------------------------
+from dspark_jax.config import ModelConfig, RopeConfig, UnsupportedModelError
+
+# ---- targets and generation -------------------------------------------------------------------
+from dspark_jax.target import Target, load_target
+from dspark_jax.generation import (GenerationResult, GenerationStats, PromptTooLongError,
+                                   generate)
+from dspark_jax.checkpoints.hf import CheckpointMismatchError
+
+# ---- sharding ---------------------------------------------------------------------------------
+from dspark_jax.sharding import make_mesh
+
+__version__ = "0.1.0"

@@ -1,0 +1,280 @@
+"""`generate`: batch generation, plain or speculative, over bucketed static shapes.
+
+Host work per batch: tokenize, pad to a (batch, prompt, output) bucket, one jitted
+call that runs prefill and the whole decode loop on device, one download. Buckets
+are powers of two so a serving run compiles a handful of programs, each once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dspark_jax import sharding as sharding_lib
+from dspark_jax.decoding import loop, sampling
+from dspark_jax.decoding.cache import KVCache
+
+
+class PromptTooLongError(ValueError):
+  """A prompt plus its generation budget does not fit the cache limit."""
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+  """Smallest power of two >= max(n, minimum)."""
+  return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+@dataclasses.dataclass
+class GenerationStats:
+  """Per-row and overall statistics.
+
+  Attributes:
+    num_tokens: new tokens per row.
+    finish_reasons: "stop" or "length" per row.
+    wall_time_s: total device + host time of all batches (compilation included on a
+      first call; benchmarks warm up first).
+    tokens_per_second: sum(num_tokens) / wall_time_s.
+    rounds: draft-verify rounds per row (speculative only, else decode steps).
+    accept_lengths: per row, tokens committed per round (accepted drafts + 1).
+    tau: mean tokens per round over all rounds of all rows (DeepSpec's acceptance length).
+    position_acceptance: conditional acceptance per draft position k (P entries):
+      P(accept k | accepted k-1 and k was verified).
+    accept_histogram: count of rounds per committed length 1..P+1.
+    draft_time_s / verify_time_s: optional split measured by `bench`.
+  """
+
+  num_tokens: list[int]
+  finish_reasons: list[str]
+  wall_time_s: float
+  tokens_per_second: float
+  rounds: list[int]
+  accept_lengths: list[list[int]] | None = None
+  tau: float | None = None
+  position_acceptance: list[float] | None = None
+  accept_histogram: list[int] | None = None
+  verify_lengths: list[list[int]] | None = None
+  extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def row(self, i: int) -> dict[str, Any]:
+    d = {"num_tokens": self.num_tokens[i], "finish_reason": self.finish_reasons[i],
+         "rounds": self.rounds[i]}
+    if self.accept_lengths is not None:
+      acc = self.accept_lengths[i]
+      d["accept_lengths"] = acc
+      d["tau"] = float(np.mean(acc)) if acc else None
+    return d
+
+
+@dataclasses.dataclass
+class GenerationResult:
+  """Attributes:
+    tokens: new token ids per prompt (a generated stop token is included).
+    texts: decoded new text per prompt (None without a tokenizer).
+    prompt_tokens: the prompt ids actually used.
+    stats: GenerationStats.
+  """
+
+  tokens: list[list[int]]
+  texts: list[str] | None
+  prompt_tokens: list[list[int]]
+  stats: GenerationStats
+
+
+def encode_prompts(target, prompts) -> list[list[int]]:
+  if isinstance(prompts, (str, bytes)) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
+    raise TypeError("prompts must be a list of strings or a list of token-id lists")
+  out = []
+  for i, p in enumerate(prompts):
+    if isinstance(p, str):
+      if target.tokenizer is None:
+        raise ValueError("string prompts need a tokenizer; this target has none "
+                         "(pass token ids instead)")
+      ids = target.tokenizer.encode(p)
+    else:
+      ids = [int(t) for t in p]
+    if not ids:
+      raise ValueError(f"prompt {i} is empty")
+    target.check_token_ids(ids)
+    out.append(ids)
+  return out
+
+
+def _per_row(value, n: int, name: str):
+  if isinstance(value, (list, tuple, np.ndarray)):
+    if len(value) != n:
+      raise ValueError(f"{name} has {len(value)} entries for {n} prompts")
+    return list(value)
+  return [value] * n
+
+
+def _stop_lists(target, stop_tokens, n: int) -> list[list[int]]:
+  if stop_tokens is None:
+    return [list(target.stop_token_ids)] * n
+  if len(stop_tokens) and isinstance(stop_tokens[0], (list, tuple)):
+    if len(stop_tokens) != n:
+      raise ValueError(f"stop_tokens has {len(stop_tokens)} lists for {n} prompts")
+    return [list(map(int, s)) for s in stop_tokens]
+  return [list(map(int, stop_tokens))] * n
+
+
+def _get_cache(target, batch: int, capacity: int, cfg=None, pool_key="target"):
+  """A cache buffer from the target's pool (buffers are donated and handed back)."""
+  pool = target.__dict__.setdefault("_cache_pool", {})
+  key = (pool_key, batch, capacity)
+  if key in pool:
+    return pool.pop(key)
+  cfg = cfg or target.config
+  mesh = target.mesh
+  cache = KVCache.init(cfg, batch, capacity, target.dtype)
+  shard = lambda x: jax.device_put(x, sharding_lib.cache_sharding(mesh, x.shape))
+  return KVCache(tuple(map(shard, cache.k)), tuple(map(shard, cache.v)),
+                 jax.device_put(cache.lengths, sharding_lib.replicated(mesh)))
+
+
+def _return_cache(target, cache: KVCache, pool_key="target"):
+  target.__dict__.setdefault("_cache_pool", {})[(pool_key, cache.batch, cache.capacity)] = cache
+
+
+def generate(target, prompts: Sequence, *, draft=None, max_new_tokens: int | Sequence[int] = 64,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             stop_tokens=None, batch_size: int | None = None,
+             request_ids: Sequence[int] | None = None, max_cache_len: int | None = None,
+             num_draft_tokens: int | None = None, verify_lengths=None,
+             progress: bool = False) -> GenerationResult:
+  """Generates continuations for a list of prompts.
+
+  Args:
+    target: a `Target` from `load_target`.
+    prompts: strings (tokenized with the target tokenizer) or lists of token ids.
+    draft: a draft from `load_draft` for speculative decoding, or None (plain decoding).
+    max_new_tokens: limit per prompt (int or one per prompt).
+    temperature: 0 = greedy.
+    top_k: 0 = off.
+    top_p: 1 = off.
+    seed: sampling seed; a row's randomness depends on (seed, request id, step) only.
+    stop_tokens: None (the model's eos ids), a list of ids, or one list per prompt.
+    batch_size: rows per device batch (default min(#prompts, 8)).
+    request_ids: RNG stream id per prompt (default: its index).
+    max_cache_len: refuse prompts whose prompt + max_new_tokens exceeds this
+      (default: the model's max_position_embeddings).
+    num_draft_tokens: draft block P used per round (default: the draft's trained block).
+    verify_lengths: optional per-prompt verify length <= P (speculative only).
+    progress: show a progress bar over batches.
+
+  Returns:
+    GenerationResult.
+  """
+  ids = encode_prompts(target, prompts)
+  n = len(ids)
+  if n == 0:
+    raise ValueError("no prompts")
+  max_new = [int(m) for m in _per_row(max_new_tokens, n, "max_new_tokens")]
+  if any(m < 1 for m in max_new):
+    raise ValueError("max_new_tokens must be >= 1")
+  stops = _stop_lists(target, stop_tokens, n)
+  rids = list(range(n)) if request_ids is None else [int(r) for r in request_ids]
+  if len(rids) != n:
+    raise ValueError(f"request_ids has {len(rids)} entries for {n} prompts")
+  limit = max_cache_len or target.config.max_position_embeddings
+  spec = None
+  if draft is not None:
+    from dspark_jax.decoding import speculative  # lazy: avoids a cycle with drafts
+    spec = speculative.SpecSetup.make(target, draft, num_draft_tokens, verify_lengths, n)
+  extra = spec.extra_capacity if spec else 0
+  for i, (p, m) in enumerate(zip(ids, max_new)):
+    if len(p) + m + extra > limit:
+      raise PromptTooLongError(
+          f"prompt {i} has {len(p)} tokens; with max_new_tokens={m} it needs {len(p) + m + extra} "
+          f"cache positions but the limit is {limit} (max_cache_len / max_position_embeddings)")
+
+  params = sampling.SamplingParams.make(temperature, top_k, top_p)
+  seed_key = jax.random.key(seed)
+  bs = batch_size or min(n, 8)
+  order = sorted(range(n), key=lambda i: -len(ids[i]))
+  batches = [order[i:i + bs] for i in range(0, n, bs)]
+  out_tokens: list[list[int]] = [[] for _ in range(n)]
+  finish = ["length"] * n
+  rounds = [0] * n
+  accept_lengths: list[list[int]] | None = [[] for _ in range(n)] if spec else None
+  verify_used: list[list[int]] | None = [[] for _ in range(n)] if spec else None
+  pos_hits = pos_tries = None
+  wall = 0.0
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=n, desc="generate", unit="prompt")
+  for rows in batches:
+    b = bucket(len(rows), minimum=1)
+    tp = bucket(max(len(ids[i]) for i in rows))
+    steps = bucket(max(max_new[i] for i in rows))
+    m_stop = max(1, max(len(stops[i]) for i in rows))
+    tokens = np.zeros((b, tp), np.int32)
+    lengths = np.ones((b,), np.int32)
+    mx = np.ones((b,), np.int32)
+    stop_arr = np.full((b, m_stop), -1, np.int32)
+    rid = np.zeros((b,), np.int32)
+    for j, i in enumerate(rows):
+      tokens[j, :len(ids[i])] = ids[i]
+      lengths[j] = len(ids[i])
+      mx[j] = max_new[i]
+      stop_arr[j, :len(stops[i])] = stops[i]
+      rid[j] = rids[i]
+    batch = loop.Batch(tokens=jnp.asarray(tokens), lengths=jnp.asarray(lengths),
+                       max_new=jnp.asarray(mx), stop_tokens=jnp.asarray(stop_arr),
+                       request_ids=jnp.asarray(rid))
+    t0 = time.perf_counter()
+    if spec is None:
+      cache = _get_cache(target, b, tp + steps)
+      out, num, nsteps, cache = loop.ar_generate(target.graphdef, target.params, batch, cache,
+                                                 seed_key, params, max_steps=steps)
+      out, num = jax.device_get((out, num))
+      _return_cache(target, cache)
+      row_rounds = np.asarray(num)
+      res = None
+    else:
+      res = spec.run(target, draft, batch, rows, seed_key, params, tp, steps)
+      out, num, row_rounds = res.out, res.num_out, res.rounds
+    wall += time.perf_counter() - t0
+    for j, i in enumerate(rows):
+      toks = [int(t) for t in out[j, :num[j]]]
+      out_tokens[i] = toks
+      finish[i] = "stop" if toks and toks[-1] in stops[i] else "length"
+      rounds[i] = int(row_rounds[j])
+      if res is not None:
+        accept_lengths[i] = res.accept_lengths[j]
+        verify_used[i] = res.verify_lengths[j]
+    if res is not None:
+      hits, tries = res.position_counts(len(rows))
+      pos_hits = hits if pos_hits is None else pos_hits + hits
+      pos_tries = tries if pos_tries is None else pos_tries + tries
+    if bar is not None:
+      bar.update(len(rows))
+  if bar is not None:
+    bar.close()
+
+  total = sum(len(t) for t in out_tokens)
+  stats = GenerationStats(num_tokens=[len(t) for t in out_tokens], finish_reasons=finish,
+                          wall_time_s=wall, tokens_per_second=total / max(wall, 1e-9),
+                          rounds=rounds)
+  if spec is not None:
+    flat = [a for row in accept_lengths for a in row]
+    stats.accept_lengths = accept_lengths
+    stats.verify_lengths = verify_used
+    stats.tau = float(np.mean(flat)) if flat else None
+    stats.position_acceptance = [float(h / t) if t else float("nan")
+                                 for h, t in zip(pos_hits, pos_tries)]
+    hist = np.bincount(np.asarray(flat, np.int64), minlength=spec.block + 2)[1:]
+    stats.accept_histogram = [int(x) for x in hist]
+  texts = None
+  if target.tokenizer is not None:
+    texts = [target.tokenizer.decode(t) for t in out_tokens]
+  return GenerationResult(tokens=out_tokens, texts=texts, prompt_tokens=ids, stats=stats)

@@ -1,0 +1,308 @@
+"""One decoder for Llama, Qwen3, Gemma 3 and Gemma 4 text models (Flax NNX).
+
+Family differences are config switches (`ModelConfig`): q/k norms, sandwich norms,
+(1 + w) norms, embedding scale, soft-caps, sliding layers, per-layer head geometry,
+Gemma 4 per-layer embeddings, K=V attention, KV-shared layers and layer scalars.
+Module and attribute names follow HF (`model.layers.3.self_attn.q_proj`), so the
+checkpoint map is a near-identity.
+
+Forward modes (one code path):
+  * full sequence (training, `cache=None`): causal attention over the T tokens;
+  * with a cache: writes the T new tokens' K/V at `positions` (each row at its own
+    offset) and attends over the cache; prefill (lengths 0), decode (T = 1) and
+    multi-token verify (T = 1 + P) are all this call. Nothing commits lengths here:
+    the caller advances `cache.lengths` by what it accepts.
+Every mode can return the raw outputs of chosen layers ("taps", the residual
+stream after the layer, before the final norm) concatenated on the feature axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dspark_jax.config import ModelConfig
+from dspark_jax.decoding.cache import KVCache, write_rows
+from dspark_jax.models import attention as attn_lib
+from dspark_jax.models import layers
+from dspark_jax.models import rope as rope_lib
+from dspark_jax.typing import Array
+
+
+class Attention(nnx.Module):
+  """Self-attention projections of one layer; the attention itself is done by the caller's
+  `attend_kv` hook so targets (cache) and drafts (injected context) share this module."""
+
+  def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+    d, n = cfg.hidden_size, cfg.num_heads
+    h, k = cfg.layer_head_dims[layer], cfg.layer_kv_heads[layer]
+    bias = cfg.attention_bias
+    kw = dict(dtype=dtype, rngs=rngs)
+    self.owns_kv = cfg.kv_sources[layer] == layer
+    self.k_eq_v = cfg.k_eq_v_for(layer)
+    self.scale = cfg.attn_scale
+    self.logit_softcap = cfg.attn_logit_softcap
+    self.v_norm_on = cfg.v_norm
+    norm_kw = dict(eps=cfg.rms_norm_eps, offset=cfg.norm_offset, dtype=dtype,
+                   cast_first=cfg.family in ("llama", "qwen3"))
+    self.q_proj = layers.Linear("BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "head_dim"),
+                                bias_shape=(n, h) if bias else None,
+                                bias_axes=("heads", "head_dim"), **kw)
+    self.q_norm = layers.RMSNorm(h, **norm_kw) if cfg.qk_norm else None
+    if self.owns_kv:
+      self.k_proj = layers.Linear("BTD,DKH->BTKH", (d, k, h), ("embed", "kv_heads", "head_dim"),
+                                  bias_shape=(k, h) if bias else None,
+                                  bias_axes=("kv_heads", "head_dim"), **kw)
+      self.v_proj = (None if self.k_eq_v else
+                     layers.Linear("BTD,DKH->BTKH", (d, k, h), ("embed", "kv_heads", "head_dim"),
+                                   bias_shape=(k, h) if bias else None,
+                                   bias_axes=("kv_heads", "head_dim"), **kw))
+      self.k_norm = layers.RMSNorm(h, **norm_kw) if cfg.qk_norm else None
+      self.v_norm = (layers.RMSNorm(h, eps=cfg.rms_norm_eps, with_scale=False, dtype=dtype)
+                     if cfg.v_norm else None)
+    self.o_proj = layers.Linear("BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"),
+                                bias_shape=(d,) if bias else None, bias_axes=("embed",), **kw)
+
+  def query(self, x: Array, cos: Array, sin: Array) -> Array:
+    """`[B, T, D] -> [B, T, N, H]` (normed, rotated)."""
+    q = self.q_proj(x)
+    if self.q_norm is not None:
+      q = self.q_norm(q)
+    return rope_lib.apply_rope(q, cos, sin)
+
+  def key_value(self, x: Array, cos: Array, sin: Array) -> tuple[Array, Array]:
+    """`[B, T, D] -> (k, v)`, each `[B, T, K, H]`; k normed and rotated, v normed (Gemma 4)."""
+    k_raw = self.k_proj(x)
+    v = k_raw if self.v_proj is None else self.v_proj(x)
+    k = self.k_norm(k_raw) if self.k_norm is not None else k_raw
+    k = rope_lib.apply_rope(k, cos, sin)
+    if self.v_norm is not None:
+      v = self.v_norm(v)
+    return k, v
+
+  def attend(self, q: Array, k: Array, v: Array, mask: Array) -> Array:
+    o = attn_lib.dot_product_attention(q, k, v, mask, scale=self.scale,
+                                       logit_softcap=self.logit_softcap)
+    return self.o_proj(o)
+
+
+# attend_kv(k_new, v_new) -> (k_all, v_all, mask). k_new/v_new are None for KV-shared layers.
+AttendKV = Callable[[Array | None, Array | None], tuple[Array, Array, Array]]
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm block; Gemma adds post-attention / post-feedforward (sandwich) norms,
+  Gemma 4 adds the per-layer-embedding residual and a final `layer_scalar`."""
+
+  def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+    d = cfg.hidden_size
+    norm_kw = dict(eps=cfg.rms_norm_eps, offset=cfg.norm_offset, dtype=dtype,
+                   cast_first=cfg.family in ("llama", "qwen3"))
+    self.sandwich = cfg.sandwich_norm
+    self.input_layernorm = layers.RMSNorm(d, **norm_kw)
+    self.self_attn = Attention(cfg, layer, dtype=dtype, rngs=rngs)
+    # Llama/Qwen: post_attention_layernorm is the pre-MLP norm. Gemma: it is the sandwich
+    # norm on the attention output, and pre_feedforward_layernorm is the pre-MLP norm.
+    self.post_attention_layernorm = layers.RMSNorm(d, **norm_kw)
+    if self.sandwich:
+      self.pre_feedforward_layernorm = layers.RMSNorm(d, **norm_kw)
+      self.post_feedforward_layernorm = layers.RMSNorm(d, **norm_kw)
+    self.mlp = layers.MLP(d, cfg.mlp_dim_for(layer), act=cfg.hidden_act, bias=cfg.mlp_bias,
+                          dtype=dtype, rngs=rngs)
+    self.ple_dim = cfg.ple_dim
+    if cfg.ple_dim:
+      kw = dict(dtype=dtype, rngs=rngs)
+      self.per_layer_input_gate = layers.Linear("BTD,DP->BTP", (d, cfg.ple_dim), ("embed", None),
+                                                **kw)
+      self.per_layer_projection = layers.Linear("BTP,PD->BTD", (cfg.ple_dim, d), (None, "embed"),
+                                                **kw)
+      self.post_per_layer_input_norm = layers.RMSNorm(d, **norm_kw)
+      self.act = cfg.hidden_act
+    self.layer_scalar = layers.Buffer(jnp.ones((1,), dtype)) if cfg.layer_scalar else None
+
+  def __call__(self, x: Array, cos: Array, sin: Array, attend_kv: AttendKV,
+               per_layer_input: Array | None = None) -> Array:
+    h = self.input_layernorm(x)
+    q = self.self_attn.query(h, cos, sin)
+    k_new, v_new = self.self_attn.key_value(h, cos, sin) if self.self_attn.owns_kv else (None, None)
+    k, v, mask = attend_kv(k_new, v_new)
+    a = self.self_attn.attend(q, k, v, mask)
+    if self.sandwich:
+      x = x + self.post_attention_layernorm(a)
+      x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+    else:
+      x = x + a
+      x = x + self.mlp(self.post_attention_layernorm(x))
+    if self.ple_dim:
+      g = layers.activation(self.act)(self.per_layer_input_gate(x)) * per_layer_input
+      x = x + self.post_per_layer_input_norm(self.per_layer_projection(g))
+    if self.layer_scalar is not None:
+      x = x * self.layer_scalar[...]
+    return x
+
+
+@dataclasses.dataclass
+class ForwardOutput:
+  """Attributes:
+    logits: float32 `[B, T, V]` or None.
+    hidden: final-normed hidden `[B, T, D]`.
+    taps: raw outputs of the requested layers concatenated, `[B, T, C]`, or None.
+    cache: the cache with the new K/V written (lengths unchanged), or None.
+  """
+
+  logits: Array | None
+  hidden: Array
+  taps: Array | None
+  cache: KVCache | None
+
+
+class TextModel(nnx.Module):
+  """The HF `model.*` backbone: embeddings, decoder layers, final norm (+ Gemma 4 PLE)."""
+
+  def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    d = cfg.hidden_size
+    self.embed_tokens = layers.Embed(cfg.vocab_size, d,
+                                     scale=d ** 0.5 if cfg.embed_scale else None,
+                                     dtype=dtype, rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(cfg, i, dtype=dtype, rngs=rngs)
+                            for i in range(cfg.num_layers)])
+    self.norm = layers.RMSNorm(d, eps=cfg.rms_norm_eps, offset=cfg.norm_offset, dtype=dtype,
+                               cast_first=cfg.family in ("llama", "qwen3"))
+    if cfg.ple_dim:
+      total = cfg.num_layers * cfg.ple_dim
+      self.embed_tokens_per_layer = layers.Embed(cfg.ple_vocab_size, total,
+                                                 scale=cfg.ple_dim ** 0.5, dtype=dtype, rngs=rngs,
+                                                 axes=("vocab", None))
+      self.per_layer_model_projection = layers.Linear("BTD,DE->BTE", (d, total), ("embed", None),
+                                                      dtype=dtype, rngs=rngs)
+      self.per_layer_projection_norm = layers.RMSNorm(cfg.ple_dim, eps=cfg.rms_norm_eps,
+                                                      dtype=dtype)
+
+  def per_layer_inputs(self, cfg: ModelConfig, tokens: Array, embeds: Array) -> Array:
+    """Gemma 4 PLE: `[B, T, L, P_le]` = (norm(proj(embeds) / sqrt(D)) + table[tokens]) / sqrt(2)."""
+    b, t = tokens.shape
+    token_part = self.embed_tokens_per_layer(tokens).reshape(b, t, cfg.num_layers, cfg.ple_dim)
+    proj = self.per_layer_model_projection(embeds) * jnp.asarray(cfg.hidden_size ** -0.5,
+                                                                 embeds.dtype)
+    proj = self.per_layer_projection_norm(proj.reshape(b, t, cfg.num_layers, cfg.ple_dim))
+    return (proj + token_part) * jnp.asarray(2.0 ** -0.5, embeds.dtype)
+
+
+class CausalLM(nnx.Module):
+  """Decoder-only LM: `model` backbone plus `lm_head` (absent when tied)."""
+
+  def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    self.cfg = cfg
+    self.model = TextModel(cfg, dtype=dtype, rngs=rngs)
+    self.lm_head = (None if cfg.tie_word_embeddings else
+                    layers.Linear("...D,DV->...V", (cfg.hidden_size, cfg.vocab_size),
+                                  ("embed", "vocab"), dtype=dtype, rngs=rngs))
+
+  def embed(self, tokens: Array) -> Array:
+    return self.model.embed_tokens(tokens)
+
+  def logits_from_hidden(self, hidden: Array) -> Array:
+    """Final-normed hidden `[..., D]` -> float32 logits `[..., V]` (with final soft-cap)."""
+    if self.lm_head is None:
+      logits = self.model.embed_tokens.attend(hidden)
+    else:
+      logits = jnp.einsum("...D,DV->...V", hidden, self.lm_head.kernel[...],
+                          preferred_element_type=jnp.float32)
+    return layers.softcap(logits, self.cfg.final_logit_softcap)
+
+  def __call__(self, tokens: Array, positions: Array | None = None, *,
+               cache: KVCache | None = None, attend_len: int | None = None,
+               taps: Sequence[int] = (), compute_logits: bool = True) -> ForwardOutput:
+    """Runs the decoder.
+
+    Args:
+      tokens: int32 `[B, T]`.
+      positions: int32 `[B, T]` absolute positions (default `arange(T)`). With a cache,
+        the K/V of token t are written at cache slot `positions[:, t]`, so positions
+        must be contiguous per row.
+      cache: KV cache or None for a full-sequence (training) forward.
+      attend_len: static number of cache slots to attend over (prefill uses T, since
+        nothing beyond is valid); default: the whole cache.
+      taps: layer ids whose raw outputs to return (ascending order kept as given).
+      compute_logits: skip the LM head when only hidden states are needed.
+
+    Returns:
+      ForwardOutput.
+    """
+    cfg = self.cfg
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x = self.embed(tokens)
+    ple = self.model.per_layer_inputs(cfg, tokens, x) if cfg.ple_dim else None
+
+    # cos/sin and masks depend only on (layer type, head dim): build each once.
+    tables: dict = {}
+    masks: dict = {}
+    if cache is None:
+      k_positions = positions
+    else:
+      span = attend_len if attend_len is not None else cache.capacity
+      k_positions = jnp.arange(span, dtype=jnp.int32)
+    new_k = list(cache.k) if cache is not None else None
+    new_v = list(cache.v) if cache is not None else None
+    slot_of = {layer: i for i, layer in enumerate(cfg.cache_layers)}
+    start = positions[:, 0]
+    kv_of_layer: dict[int, tuple[Array, Array]] = {}
+    tap_out = {}
+
+    for i, layer in enumerate(self.model.layers):
+      rope = cfg.rope_for(i)
+      head_dim = cfg.layer_head_dims[i]
+      if (rope, head_dim) not in tables:
+        tables[(rope, head_dim)] = rope_lib.rope_tables(rope, head_dim, positions)
+      cos, sin = tables[(rope, head_dim)]
+      window = cfg.window_for(i)
+      if window not in masks:
+        masks[window] = attn_lib.causal_mask(positions, k_positions, window)
+      mask = masks[window]
+      src = cfg.kv_sources[i]
+
+      def attend_kv(k_new, v_new, i=i, src=src, mask=mask):
+        if k_new is None:  # KV-shared layer: reuse the source layer's keys/values.
+          k_all, v_all = kv_of_layer[src]
+          return k_all, v_all, mask
+        if cache is None:
+          k_all, v_all = k_new, v_new
+        else:
+          s = slot_of[i]
+          new_k[s] = write_rows(new_k[s], k_new, start)
+          new_v[s] = write_rows(new_v[s], v_new, start)
+          k_all, v_all = new_k[s], new_v[s]
+          if attend_len is not None:
+            k_all, v_all = k_all[:, :attend_len], v_all[:, :attend_len]
+        kv_of_layer[i] = (k_all, v_all)
+        return k_all, v_all, mask
+
+      x = layer(x, cos, sin, attend_kv, ple[:, :, i] if ple is not None else None)
+      if i in taps:
+        tap_out[i] = x
+
+    hidden = self.model.norm(x)
+    logits = self.logits_from_hidden(hidden) if compute_logits else None
+    tap_arr = jnp.concatenate([tap_out[i] for i in taps], axis=-1) if taps else None
+    new_cache = None
+    if cache is not None:
+      new_cache = KVCache(tuple(new_k), tuple(new_v), cache.lengths)
+    return ForwardOutput(logits=logits, hidden=hidden, taps=tap_arr, cache=new_cache)
+
+
+def abstract_model(cfg: ModelConfig, dtype=jnp.float32) -> CausalLM:
+  """The model with `ShapeDtypeStruct` params: no memory, no init compute."""
+  return nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def count_params(cfg: ModelConfig) -> int:
+  """Trainable parameter count as transformers reports it (buffers excluded, tied once)."""
+  state = nnx.state(abstract_model(cfg), nnx.Param)
+  return int(sum(x.size for x in jax.tree.leaves(state)))
