@@ -18,6 +18,10 @@ from dspark_jax.generation import (GenerationResult, GenerationStats, PromptTooL
                                    generate)
 from dspark_jax.checkpoints.hf import CheckpointMismatchError
 
+# ---- drafts ----------------------------------------------------------------------------------
+from dspark_jax.drafts.api import Draft, init_draft, propose_block
+from dspark_jax.drafts.config import DraftConfig, DraftConfigError
+
 # ---- sharding ---------------------------------------------------------------------------------
 from dspark_jax.sharding import make_mesh
 

@@ -149,7 +149,7 @@ def generate(target, prompts: Sequence, *, draft=None, max_new_tokens: int | Seq
              stop_tokens=None, batch_size: int | None = None,
              request_ids: Sequence[int] | None = None, max_cache_len: int | None = None,
              num_draft_tokens: int | None = None, verify_lengths=None,
-             progress: bool = False) -> GenerationResult:
+             acceptance: str = "exact", progress: bool = False) -> GenerationResult:
   """Generates continuations for a list of prompts.
 
   Args:
@@ -168,6 +168,7 @@ def generate(target, prompts: Sequence, *, draft=None, max_new_tokens: int | Seq
       (default: the model's max_position_embeddings).
     num_draft_tokens: draft block P used per round (default: the draft's trained block).
     verify_lengths: optional per-prompt verify length <= P (speculative only).
+    acceptance: name of the acceptance rule ("exact" speculative sampling).
     progress: show a progress bar over batches.
 
   Returns:
@@ -188,7 +189,8 @@ def generate(target, prompts: Sequence, *, draft=None, max_new_tokens: int | Seq
   spec = None
   if draft is not None:
     from dspark_jax.decoding import speculative  # lazy: avoids a cycle with drafts
-    spec = speculative.SpecSetup.make(target, draft, num_draft_tokens, verify_lengths, n)
+    spec = speculative.SpecSetup.make(target, draft, num_draft_tokens, verify_lengths, n,
+                                      acceptance)
   extra = spec.extra_capacity if spec else 0
   for i, (p, m) in enumerate(zip(ids, max_new)):
     if len(p) + m + extra > limit:

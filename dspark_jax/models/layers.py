@@ -23,6 +23,11 @@ class Buffer(nnx.Variable):
   """A non-trainable array saved with the model (e.g. Gemma 4 `layer_scalar`)."""
 
 
+def lead(w: Array, ndim: int) -> Array:
+  """Adds leading unit axes so `w` broadcasts against an array of rank `ndim` explicitly."""
+  return w.reshape((1,) * (ndim - w.ndim) + w.shape)
+
+
 def normal_init(rngs: nnx.Rngs, shape, dtype, std: float = _INIT_STD) -> Array:
   return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
@@ -47,7 +52,7 @@ class Linear(nnx.Module):
   def __call__(self, x: Array) -> Array:
     y = jnp.einsum(self.eqn, x, self.kernel[...])
     if self.bias is not None:
-      y = y + self.bias[...]
+      y = y + lead(self.bias[...], y.ndim)
     return y
 
 
@@ -72,7 +77,7 @@ class RMSNorm(nnx.Module):
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
     if self.scale is None:
       return y.astype(x.dtype)
-    w = self.scale[...]
+    w = lead(self.scale[...], x.ndim)
     if self.cast_first:
       return y.astype(x.dtype) * (w + self.offset).astype(x.dtype)
     return (y * (w.astype(jnp.float32) + self.offset)).astype(x.dtype)

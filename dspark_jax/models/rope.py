@@ -21,7 +21,7 @@ def rope_tables(rope: RopeConfig, head_dim: int, positions: Array) -> tuple[Arra
     (cos, sin), each float32 `[B, T, H]`.
   """
   inv_freq = jnp.asarray(rope.inv_freq(head_dim), jnp.float32)  # [H/2]
-  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]  # [B, T, H/2]
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   scale = rope.attention_scaling
   return jnp.cos(emb) * scale, jnp.sin(emb) * scale

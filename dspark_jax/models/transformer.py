@@ -34,8 +34,9 @@ from dspark_jax.typing import Array
 
 
 class Attention(nnx.Module):
-  """Self-attention projections of one layer; the attention itself is done by the caller's
-  `attend_kv` hook so targets (cache) and drafts (injected context) share this module."""
+  """Self-attention projections of one layer. The attention itself is the caller's
+  `attn_fn` hook, so targets (KV cache) and drafts (injected target context, training
+  block masks) share these modules."""
 
   def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
     d, n = cfg.hidden_size, cfg.num_heads
@@ -84,14 +85,15 @@ class Attention(nnx.Module):
       v = self.v_norm(v)
     return k, v
 
-  def attend(self, q: Array, k: Array, v: Array, mask: Array) -> Array:
-    o = attn_lib.dot_product_attention(q, k, v, mask, scale=self.scale,
-                                       logit_softcap=self.logit_softcap)
-    return self.o_proj(o)
+  def attention(self, q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """Masked softmax attention with this layer's scale and soft-cap: `[B, T, N, H]`."""
+    return attn_lib.dot_product_attention(q, k, v, mask, scale=self.scale,
+                                          logit_softcap=self.logit_softcap)
 
 
-# attend_kv(k_new, v_new) -> (k_all, v_all, mask). k_new/v_new are None for KV-shared layers.
-AttendKV = Callable[[Array | None, Array | None], tuple[Array, Array, Array]]
+# attn_fn(attn_module, q, k_new, v_new) -> attention output `[B, T, N, H]` (before o_proj).
+# k_new/v_new are the new tokens' keys/values, None for KV-shared layers.
+AttnFn = Callable[[Attention, Array, Array | None, Array | None], Array]
 
 
 class DecoderLayer(nnx.Module):
@@ -124,13 +126,12 @@ class DecoderLayer(nnx.Module):
       self.act = cfg.hidden_act
     self.layer_scalar = layers.Buffer(jnp.ones((1,), dtype)) if cfg.layer_scalar else None
 
-  def __call__(self, x: Array, cos: Array, sin: Array, attend_kv: AttendKV,
+  def __call__(self, x: Array, cos: Array, sin: Array, attn_fn: AttnFn,
                per_layer_input: Array | None = None) -> Array:
     h = self.input_layernorm(x)
     q = self.self_attn.query(h, cos, sin)
     k_new, v_new = self.self_attn.key_value(h, cos, sin) if self.self_attn.owns_kv else (None, None)
-    k, v, mask = attend_kv(k_new, v_new)
-    a = self.self_attn.attend(q, k, v, mask)
+    a = self.self_attn.o_proj(attn_fn(self.self_attn, q, k_new, v_new))
     if self.sandwich:
       x = x + self.post_attention_layernorm(a)
       x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -268,10 +269,10 @@ class CausalLM(nnx.Module):
       mask = masks[window]
       src = cfg.kv_sources[i]
 
-      def attend_kv(k_new, v_new, i=i, src=src, mask=mask):
+      def attn_fn(att, q, k_new, v_new, i=i, src=src, mask=mask):
         if k_new is None:  # KV-shared layer: reuse the source layer's keys/values.
           k_all, v_all = kv_of_layer[src]
-          return k_all, v_all, mask
+          return att.attention(q, k_all, v_all, mask)
         if cache is None:
           k_all, v_all = k_new, v_new
         else:
@@ -282,9 +283,9 @@ class CausalLM(nnx.Module):
           if attend_len is not None:
             k_all, v_all = k_all[:, :attend_len], v_all[:, :attend_len]
         kv_of_layer[i] = (k_all, v_all)
-        return k_all, v_all, mask
+        return att.attention(q, k_all, v_all, mask)
 
-      x = layer(x, cos, sin, attend_kv, ple[:, :, i] if ple is not None else None)
+      x = layer(x, cos, sin, attn_fn, ple[:, :, i] if ple is not None else None)
       if i in taps:
         tap_out[i] = x
 

@@ -1,0 +1,104 @@
+"""Per-algorithm pieces of the draft-verify loop (static under jit).
+
+A runtime is a class of static methods; `decoding/speculative.py` calls
+`init_state`, `prefill`, `propose` and `commit` and never looks at the algorithm.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dspark_jax.decoding import sampling
+from dspark_jax.decoding.cache import KVCache
+from dspark_jax.decoding.speculative import Proposal
+from dspark_jax.drafts import parallel
+from dspark_jax.typing import Array
+
+
+def position_keys(keys: Array, k) -> Array:
+  """Per-row keys for block position k."""
+  return jax.vmap(lambda key: jax.random.fold_in(key, k))(keys)
+
+
+def sequential_sample(markov_head, confidence_head, with_markov: bool, base: Array, hidden: Array,
+                      anchor: Array, keys: Array, params: sampling.SamplingParams) -> Proposal:
+  """Samples the block left to right through the sequential head.
+
+  Z_k = U_k + B_k(x_{k-1}) with x_{-1} = the anchor; x_k ~ softmax(process(Z_k)).
+
+  Args:
+    base: U, float32 `[B, P, V]`.
+    hidden: backbone hidden `[B, P, D]`.
+    anchor: int32 `[B]`.
+    keys: `[B]` draft keys of this round.
+  """
+  b = anchor.shape[0]
+
+  def step(carry, xs):
+    prev, st = carry
+    u_k, h_k, k = xs
+    bias, e, st = markov_head.step(h_k, prev, st)
+    z = u_k + bias
+    tok = sampling.sample(position_keys(keys, k), z, params)
+    conf = (confidence_head(h_k, e if with_markov else None) if confidence_head is not None
+            else jnp.zeros((b,), jnp.float32))
+    return (tok, st), (tok, z, conf)
+
+  p = base.shape[1]
+  init = (anchor.astype(jnp.int32), markov_head.init_state(b, hidden.dtype))
+  xs = (jnp.swapaxes(base, 0, 1), jnp.swapaxes(hidden, 0, 1), jnp.arange(p))
+  _, (toks, z, conf) = jax.lax.scan(step, init, xs)
+  return Proposal(tokens=jnp.swapaxes(toks, 0, 1), logits=jnp.swapaxes(z, 0, 1),
+                  confidence=jnp.swapaxes(conf, 0, 1) if confidence_head is not None else None)
+
+
+def parallel_sample(confidence_head, base: Array, hidden: Array, keys: Array,
+                    params: sampling.SamplingParams) -> Proposal:
+  """No sequential head (DFlash): every position sampled independently from U_k."""
+  p = base.shape[1]
+  toks = jnp.stack([sampling.sample(position_keys(keys, k), base[:, k], params)
+                    for k in range(p)], axis=1)
+  conf = confidence_head(hidden, None) if confidence_head is not None else None
+  return Proposal(tokens=toks, logits=base, confidence=conf)
+
+
+class ParallelRuntime:
+  """DSpark / DFlash: context cache of projected target features per draft layer."""
+
+  @staticmethod
+  def target_taps(draft) -> tuple[int, ...]:
+    return draft.dcfg.target_layer_ids
+
+  @staticmethod
+  def init_state(dcfg, batch: int, capacity: int, dtype) -> KVCache:
+    return KVCache.init(dcfg.layer, batch, capacity, dtype)
+
+  @staticmethod
+  def prefill(draft, tmodel, ctx: KVCache, prompt_taps: Array, batch, first: Array) -> KVCache:
+    b, tp = batch.tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(tp, dtype=jnp.int32), (b, tp))
+    ctx = parallel.ingest(draft, ctx, prompt_taps, positions)
+    return ctx.commit(batch.lengths)
+
+  @staticmethod
+  def propose(draft, tmodel, ctx: KVCache, anchor: Array, anchor_pos: Array, keys: Array,
+              params, num_draft: int) -> Proposal:
+    dcfg = draft.dcfg
+    embeds = tmodel.embed(parallel.block_tokens(dcfg, anchor))
+    h = parallel.block_hidden(draft, embeds, anchor_pos, ctx)
+    h = (h if dcfg.anchor_first else h[:, 1:])[:, :num_draft]
+    base = tmodel.logits_from_hidden(h)
+    if draft.markov_head is None:
+      return parallel_sample(draft.confidence_head, base, h, keys, params)
+    return sequential_sample(draft.markov_head, draft.confidence_head, dcfg.confidence_with_markov,
+                             base, h, anchor, keys, params)
+
+  @staticmethod
+  def commit(draft, tmodel, ctx: KVCache, verify_taps: Array, verify_tokens: Array, n_acc: Array,
+             next_token: Array, old_len: Array, new_len: Array) -> KVCache:
+    # Features of all P+1 verified positions are written; only the accepted prefix
+    # (anchor + n_acc drafts) becomes visible through the new length.
+    positions = old_len[:, None] + jnp.arange(verify_taps.shape[1], dtype=jnp.int32)[None, :]
+    ctx = parallel.ingest(draft, ctx, verify_taps, positions)
+    return ctx.commit(new_len)
