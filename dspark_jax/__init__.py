@@ -20,6 +20,7 @@ from dspark_jax.checkpoints.hf import CheckpointMismatchError
 
 # ---- drafts ----------------------------------------------------------------------------------
 from dspark_jax.drafts.api import Draft, init_draft, propose_block
+from dspark_jax.drafts.checkpoint import load_draft, save_draft
 from dspark_jax.drafts.config import DraftConfig, DraftConfigError
 
 # ---- sharding ---------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ import numpy as np
 FULL = "full_attention"
 SLIDING = "sliding_attention"
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen3", "gemma3_text", "gemma3", "gemma4_text", "gemma4")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen3", "gemma3_text", "gemma3", "gemma4_text", "gemma4",
+                         "gemma4_unified", "gemma4_unified_text")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "proportional", "yarn")
 
 
@@ -237,7 +238,7 @@ class ModelConfig:
       hf = hf.to_dict()
     hf = dict(hf)
     model_type = hf.get("model_type")
-    if model_type in ("gemma3", "gemma4") and "text_config" in hf:
+    if model_type in ("gemma3", "gemma4", "gemma4_unified") and "text_config" in hf:
       text = dict(hf["text_config"])
       for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         text.setdefault(key, hf.get(key))

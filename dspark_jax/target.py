@@ -51,8 +51,9 @@ class Target:
   """
 
   def __init__(self, config: ModelConfig, model: nnx.Module, *, tokenizer: Tokenizer | None,
-               mesh, dtype, path: str | None = None, stop_token_ids=()):
+               mesh, dtype, path: str | None = None, stop_token_ids=(), hf_config=None):
     self.config = config
+    self.hf_config = hf_config  # the checkpoint's config.json (drafts copy it when saved)
     self.graphdef, self.params = nnx.split(model)
     self.tokenizer = tokenizer
     self.mesh = mesh
@@ -183,4 +184,4 @@ def load_target(path_or_id: str | os.PathLike, *, dtype="float32", mesh=None,
   if tokenizer is not None:
     stops += list(tokenizer.eos_token_ids)
   return Target(cfg, model, tokenizer=tokenizer, mesh=mesh, dtype=jdtype, path=path,
-                stop_token_ids=stops)
+                stop_token_ids=stops, hf_config=hf_config)

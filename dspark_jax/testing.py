@@ -47,5 +47,84 @@ def random_target(cfg: ModelConfig, *, seed: int = 0, scale: float = 1.0,
     params = nnx.state(model, nnx.Param)
     scaled = jax.tree.map(lambda x: x * scale if x.ndim > 1 else x, params)
     nnx.update(model, scaled)
+  hf = hf_config_dict(cfg) if cfg.family in ("llama", "qwen3") else None
   return Target(cfg, model, tokenizer=None, mesh=sharding_lib.make_mesh(), dtype=dtype,
-                path=None, stop_token_ids=cfg.eos_token_ids)
+                path=None, stop_token_ids=cfg.eos_token_ids, hf_config=hf)
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny random *checkpoint directory* (HF layout, with a tokenizer and chat template), so the
+# whole training pipeline (regenerate -> tokenize -> train -> export -> serve) runs in seconds.
+# ---------------------------------------------------------------------------------------------
+TINY_CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
+TINY_SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>", "<mask>"]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def tiny_tokenizer_files(path) -> None:
+  """Writes a character-level tokenizer (ids: 4 specials, then printable ASCII + newline)."""
+  import json
+  import os
+  from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+  vocab = {tok: i for i, tok in enumerate(TINY_SPECIALS + TINY_CHARS)}
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+  tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+  tok.decoder = decoders.Fuse()
+  tok.add_special_tokens(TINY_SPECIALS)
+  os.makedirs(path, exist_ok=True)
+  tok.save(os.path.join(path, "tokenizer.json"))
+  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<pad>",
+               "eos_token": "<|im_end|>", "bos_token": None, "unk_token": "<pad>",
+               "chat_template": CHATML_TEMPLATE, "model_max_length": 4096}, f, indent=2)
+
+
+def hf_config_dict(cfg: ModelConfig) -> dict:
+  """HF `config.json` for a llama/qwen3 ModelConfig (what `from_hf_config` reads back)."""
+  if cfg.family not in ("llama", "qwen3"):
+    raise ValueError("hf_config_dict supports llama and qwen3 configs")
+  return {
+      "architectures": ["LlamaForCausalLM" if cfg.family == "llama" else "Qwen3ForCausalLM"],
+      "model_type": cfg.family, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+      "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps,
+      "rope_theta": cfg.rope_full.theta, "tie_word_embeddings": cfg.tie_word_embeddings,
+      "max_position_embeddings": cfg.max_position_embeddings, "attention_bias": False,
+      "bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_ids) or None,
+      "pad_token_id": cfg.pad_token_id, "torch_dtype": "float32",
+  }
+
+
+def write_tiny_model_dir(path, *, seed: int = 0, scale: float = 6.0, layers: int = 4,
+                         hidden: int = 64) -> str:
+  """A random llama-family checkpoint dir with a char-level ChatML tokenizer."""
+  import json
+  import os
+  import numpy as np
+  from dspark_jax.checkpoints import hf as hf_ckpt
+  from dspark_jax.checkpoints.safetensors_io import save_tensors
+  vocab = len(TINY_SPECIALS) + len(TINY_CHARS)
+  vocab = (vocab + 7) // 8 * 8
+  cfg = tiny_config("llama", vocab=vocab, hidden=hidden, layers=layers, heads=4, kv_heads=2,
+                    head_dim=hidden // 4)
+  import dataclasses
+  cfg = dataclasses.replace(cfg, eos_token_ids=(TINY_SPECIALS.index("<|im_end|>"),),
+                            pad_token_id=0)
+  target = random_target(cfg, seed=seed, scale=scale)
+  tmp = str(path) + ".tmp"
+  os.makedirs(tmp, exist_ok=True)
+  save_tensors(hf_ckpt.export_state(target.model), tmp)
+  with open(os.path.join(tmp, "config.json"), "w") as f:
+    json.dump(hf_config_dict(cfg), f, indent=2)
+  with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+    json.dump({"eos_token_id": list(cfg.eos_token_ids), "pad_token_id": 0}, f)
+  tiny_tokenizer_files(tmp)
+  if os.path.exists(path):
+    import shutil
+    shutil.rmtree(path)
+  os.replace(tmp, path)
+  return str(path)

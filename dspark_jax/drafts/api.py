@@ -112,7 +112,9 @@ def init_draft(target, algorithm: str = "dspark", *, seed: int = 0, dtype=None,
     state = nnx.state(module)
     shardings = sharding_lib.state_shardings(state, mesh)
     nnx.update(module, jax.device_put(state, shardings))
-  return Draft(dcfg, module, dtype=dtype)
+  draft = Draft(dcfg, module, dtype=dtype)
+  draft.target = target
+  return draft
 
 
 # ---------------------------------------------------------------------------------------------

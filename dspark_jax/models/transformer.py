@@ -38,8 +38,10 @@ class Attention(nnx.Module):
   `attn_fn` hook, so targets (KV cache) and drafts (injected target context, training
   block masks) share these modules."""
 
-  def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
-    d, n = cfg.hidden_size, cfg.num_heads
+  def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs,
+               in_dim: int | None = None):
+    # in_dim: input width of q/k/v (Eagle3's first layer reads [embedding ; hidden], 2D).
+    d, n = in_dim or cfg.hidden_size, cfg.num_heads
     h, k = cfg.layer_head_dims[layer], cfg.layer_kv_heads[layer]
     bias = cfg.attention_bias
     kw = dict(dtype=dtype, rngs=rngs)
@@ -65,8 +67,9 @@ class Attention(nnx.Module):
       self.k_norm = layers.RMSNorm(h, **norm_kw) if cfg.qk_norm else None
       self.v_norm = (layers.RMSNorm(h, eps=cfg.rms_norm_eps, with_scale=False, dtype=dtype)
                      if cfg.v_norm else None)
-    self.o_proj = layers.Linear("BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"),
-                                bias_shape=(d,) if bias else None, bias_axes=("embed",), **kw)
+    d_out = cfg.hidden_size
+    self.o_proj = layers.Linear("BTNH,NHD->BTD", (n, h, d_out), ("heads", "head_dim", "embed"),
+                                bias_shape=(d_out,) if bias else None, bias_axes=("embed",), **kw)
 
   def query(self, x: Array, cos: Array, sin: Array) -> Array:
     """`[B, T, D] -> [B, T, N, H]` (normed, rotated)."""
@@ -100,13 +103,14 @@ class DecoderLayer(nnx.Module):
   """Pre-norm block; Gemma adds post-attention / post-feedforward (sandwich) norms,
   Gemma 4 adds the per-layer-embedding residual and a final `layer_scalar`."""
 
-  def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs,
+               attn_in_dim: int | None = None):
     d = cfg.hidden_size
     norm_kw = dict(eps=cfg.rms_norm_eps, offset=cfg.norm_offset, dtype=dtype,
                    cast_first=cfg.family in ("llama", "qwen3"))
     self.sandwich = cfg.sandwich_norm
     self.input_layernorm = layers.RMSNorm(d, **norm_kw)
-    self.self_attn = Attention(cfg, layer, dtype=dtype, rngs=rngs)
+    self.self_attn = Attention(cfg, layer, dtype=dtype, rngs=rngs, in_dim=attn_in_dim)
     # Llama/Qwen: post_attention_layernorm is the pre-MLP norm. Gemma: it is the sandwich
     # norm on the attention output, and pre_feedforward_layernorm is the pre-MLP norm.
     self.post_attention_layernorm = layers.RMSNorm(d, **norm_kw)
@@ -127,11 +131,16 @@ class DecoderLayer(nnx.Module):
     self.layer_scalar = layers.Buffer(jnp.ones((1,), dtype)) if cfg.layer_scalar else None
 
   def __call__(self, x: Array, cos: Array, sin: Array, attn_fn: AttnFn,
-               per_layer_input: Array | None = None) -> Array:
-    h = self.input_layernorm(x)
+               per_layer_input: Array | None = None, attn_input: Array | None = None) -> Array:
+    """`attn_input` overrides the attention input (Eagle3); default `input_layernorm(x)`."""
+    h = self.input_layernorm(x) if attn_input is None else attn_input
     q = self.self_attn.query(h, cos, sin)
     k_new, v_new = self.self_attn.key_value(h, cos, sin) if self.self_attn.owns_kv else (None, None)
     a = self.self_attn.o_proj(attn_fn(self.self_attn, q, k_new, v_new))
+    return self.finish(x, a, per_layer_input)
+
+  def finish(self, x: Array, a: Array, per_layer_input: Array | None = None) -> Array:
+    """Residual + MLP part of the layer given the attention output `a` (after o_proj)."""
     if self.sandwich:
       x = x + self.post_attention_layernorm(a)
       x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))

@@ -1,0 +1,225 @@
+"""Training forward and loss of the parallel drafts (DSpark, DFlash).
+
+Per sequence, N_a anchors are sampled uniformly without replacement inside the
+assistant reply and sorted. Each anchor p opens a block at positions p..p+Q-1
+(anchor token, then mask tokens) whose slots predict x_{p+1} .. x_{p+P}. All blocks
+of a sequence go through the draft in one pass:
+
+  * block queries attend to the injected target context at positions < p (strictly
+    before the anchor: at inference the anchor's own features are not computed yet)
+    and bidirectionally to their own block, never to other blocks;
+  * the attention is computed as one softmax over [context keys ; own-block keys],
+    i.e. logits `[.., Q, S]` plus `[.., Q, Q]` per block, never the
+    `(N_a*Q) x (S + N_a*Q)` dense mask; the context mask is an iota compare that XLA
+    fuses into the select;
+  * dummy blocks (fewer candidates than N_a) are fully masked with a finite mask value,
+    so their softmax is uniform rather than NaN, and their loss weight is 0.
+
+Loss (DeepSpec): weights w_k = exp(-k / gamma) * eval_mask (eval mask = cumulative
+product of "label inside the reply"), all terms in float32 with a shared denominator
+sum(w):  a_ce * CE(Z, x*) + a_l1 * ||softmax(Z) - softmax(T)||_1 + a_conf * BCE(c, 1 - L1/2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from dspark_jax.models import attention as attn_lib
+from dspark_jax.typing import Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+  ce: float = 0.1
+  l1: float = 0.9
+  conf: float = 1.0
+  decay_gamma: float = 4.0
+
+
+def sample_anchors(key: Array, loss_mask: Array, lengths: Array, num_anchors: int):
+  """Uniform anchors without replacement among positions p with mask[p] & mask[p+1].
+
+  Args:
+    key: PRNG key.
+    loss_mask: `[B, S]` (1 inside assistant replies).
+    lengths: `[B]` true lengths.
+    num_anchors: N_a.
+
+  Returns:
+    (anchors int32 `[B, N_a]` sorted ascending (0 for dummy blocks), keep bool `[B, N_a]`)
+  """
+  b, s = loss_mask.shape
+  m = loss_mask.astype(bool) & (jnp.arange(s)[None, :] < lengths[:, None])
+  cand = m[:, :-1] & m[:, 1:]  # [B, S-1]: anchor and its first target both in the reply
+  u = jax.random.uniform(key, cand.shape)
+  u = jnp.where(cand, u, 2.0)
+  n = min(num_anchors, s - 1)
+  order = jnp.argsort(u, axis=1)[:, :n]
+  keep = jnp.take_along_axis(u, order, axis=1) < 2.0
+  anchors = jnp.where(keep, order, jnp.int32(s))  # dummies sort last
+  anchors = jnp.sort(anchors, axis=1)
+  keep = anchors < s
+  anchors = jnp.where(keep, anchors, 0).astype(jnp.int32)
+  if n < num_anchors:
+    pad = num_anchors - n
+    anchors = jnp.pad(anchors, ((0, 0), (0, pad)))
+    keep = jnp.pad(keep, ((0, 0), (0, pad)))
+  return anchors, keep
+
+
+def block_labels(tokens: Array, loss_mask: Array, lengths: Array, anchors: Array, keep: Array,
+                 p: int):
+  """Labels, cumulative eval mask and teacher-forced previous tokens.
+
+  Returns:
+    labels int32 `[B, N_a, P]` (x_{p+1+k}), eval_mask float32 `[B, N_a, P]`,
+    prev int32 `[B, N_a, P]` ([x_p, x_{p+1}, ..., x_{p+P-1}]).
+  """
+  b, s = tokens.shape
+  idx = anchors[:, :, None] + 1 + jnp.arange(p)[None, None, :]  # [B, N_a, P]
+  safe = jnp.minimum(idx, s - 1)
+  gather = jax.vmap(lambda t, i: t[i])
+  labels = gather(tokens, safe)
+  in_reply = (idx < lengths[:, None, None]) & gather(loss_mask, safe).astype(bool)
+  valid = in_reply & keep[:, :, None]
+  eval_mask = jnp.cumprod(valid.astype(jnp.int32), axis=-1).astype(jnp.float32)
+  anchor_tok = gather(tokens, anchors)
+  prev = jnp.concatenate([anchor_tok[:, :, None], labels[:, :, :-1]], axis=-1)
+  return labels, eval_mask, prev
+
+
+def block_attention(att, q: Array, k_blk: Array, v_blk: Array, ctx_k: Array, ctx_v: Array,
+                    anchors: Array, keep: Array, num_blocks: int) -> Array:
+  """Attention of all blocks' queries over [visible context ; own block].
+
+  Args:
+    att: the layer's Attention module (scale, soft-cap).
+    q: `[B, N_a*Q, N, H]`; k_blk, v_blk: `[B, N_a*Q, K, H]`.
+    ctx_k, ctx_v: `[B, S, K, H]` context keys/values at positions 0..S-1.
+    anchors: `[B, N_a]`; keep: `[B, N_a]`.
+
+  Returns:
+    `[B, N_a*Q, N, H]`.
+  """
+  b, t, n, h = q.shape
+  kh = ctx_k.shape[2]
+  g = n // kh
+  qb = t // num_blocks
+  s = ctx_k.shape[1]
+  qg = q.reshape(b, num_blocks, qb, kh, g, h)
+  kb = k_blk.reshape(b, num_blocks, qb, kh, h)
+  vb = v_blk.reshape(b, num_blocks, qb, kh, v_blk.shape[-1])
+  f32 = jnp.float32
+  lc = jnp.einsum("BJQKGH,BSKH->BJKGQS", qg, ctx_k, preferred_element_type=f32) * att.scale
+  lb = jnp.einsum("BJQKGH,BJRKH->BJKGQR", qg, kb, preferred_element_type=f32) * att.scale
+  if att.logit_softcap is not None:
+    lc = jnp.tanh(lc / att.logit_softcap) * att.logit_softcap
+    lb = jnp.tanh(lb / att.logit_softcap) * att.logit_softcap
+  ctx_vis = jnp.arange(s)[None, None, :] < anchors[:, :, None]  # [B, N_a, S]
+  lc = jnp.where(ctx_vis[:, :, None, None, None, :], lc, attn_lib.MASK_VALUE)
+  lb = jnp.where(keep[:, :, None, None, None, None], lb, attn_lib.MASK_VALUE)
+  logits = jnp.concatenate([lc, lb], axis=-1)
+  probs = jax.nn.softmax(logits, axis=-1).astype(ctx_v.dtype)
+  out = (jnp.einsum("BJKGQS,BSKH->BJQKGH", probs[..., :s], ctx_v, preferred_element_type=f32)
+         + jnp.einsum("BJKGQR,BJRKH->BJQKGH", probs[..., s:], vb, preferred_element_type=f32))
+  return out.reshape(b, t, n, ctx_v.shape[-1]).astype(q.dtype)
+
+
+def draft_forward(draft, target_model, tokens: Array, taps: Array, anchors: Array, keep: Array,
+                  prev: Array):
+  """Teacher-forced draft outputs for all blocks.
+
+  Args:
+    draft: ParallelDraft module.
+    target_model: the target (embedding / LM head, frozen).
+    tokens: `[B, S]`; taps: `[B, S, C]` target features; anchors/keep: `[B, N_a]`;
+    prev: `[B, N_a, P]` teacher-forced previous tokens for the sequential head.
+
+  Returns:
+    (draft logits Z float32 `[B, N_a, P, V]`, confidence logits `[B, N_a, P]` or None)
+  """
+  dcfg = draft.dcfg
+  b, s = tokens.shape
+  na = anchors.shape[1]
+  qb = dcfg.block_inputs
+  p = dcfg.block_size
+  ctx = draft.context_hidden(taps)
+  ctx_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  ctx_kv = draft.context_kv(ctx, ctx_pos)
+  anchor_tok = jnp.take_along_axis(tokens, anchors, axis=1)
+  blk = jnp.concatenate([anchor_tok[:, :, None],
+                         jnp.full((b, na, qb - 1), dcfg.mask_token_id, jnp.int32)], axis=2)
+  pos = (anchors[:, :, None] + jnp.arange(qb)[None, None, :]).reshape(b, na * qb)
+  x = target_model.embed(blk.reshape(b, na * qb)).astype(ctx.dtype)
+
+  def make_fn(i):
+    def fn(att, q, k_blk, v_blk):
+      return block_attention(att, q, k_blk, v_blk, ctx_kv[i][0], ctx_kv[i][1], anchors, keep,
+                             na)
+    return fn
+
+  h = draft.backbone(x, pos, [make_fn(i) for i in range(len(draft.layers))])
+  h = h.reshape(b, na, qb, -1)
+  h = h[:, :, :p] if dcfg.anchor_first else h[:, :, 1:]
+  z = target_model.logits_from_hidden(h)
+  conf = None
+  w1 = None
+  if draft.markov_head is not None:
+    bias, w1 = draft.markov_head.teacher_forced(h, prev)
+    z = z + bias
+  if draft.confidence_head is not None:
+    conf = draft.confidence_head(h, w1 if dcfg.confidence_with_markov else None)
+  return z, conf
+
+
+def target_block_logits(target_model, target_hidden: Array, anchors: Array, p: int) -> Array:
+  """Target distributions aligned with the block slots: logits at positions p+k, `[B,N_a,P,V]`.
+
+  `target_hidden` is the target's final-normed hidden state `[B, S, D]`.
+  """
+  s = target_hidden.shape[1]
+  idx = jnp.minimum(anchors[:, :, None] + jnp.arange(p)[None, None, :], s - 1)
+  h = jax.vmap(lambda th, i: th[i])(target_hidden, idx)
+  return target_model.logits_from_hidden(h)
+
+
+def losses(z: Array, conf: Array | None, t_logits: Array, labels: Array, eval_mask: Array,
+           weights: LossWeights):
+  """DeepSpec's DSpark/DFlash loss and diagnostics (all float32).
+
+  Returns:
+    (total loss scalar, dict of numerator sums and denominators for logging)
+  """
+  z = z.astype(jnp.float32)
+  p = z.shape[-2]
+  k = jnp.arange(p, dtype=jnp.float32)
+  w = eval_mask * jnp.exp(-k / weights.decay_gamma)
+  logq = jax.nn.log_softmax(z, axis=-1)
+  q = jnp.exp(logq)
+  pt = jax.nn.softmax(t_logits.astype(jnp.float32), axis=-1)
+  ce = -jnp.take_along_axis(logq, labels[..., None], axis=-1)[..., 0]
+  l1 = jnp.sum(jnp.abs(q - pt), axis=-1)
+  alpha = jax.lax.stop_gradient(jnp.clip(1.0 - 0.5 * l1, 0.0, 1.0))
+  denom = jnp.sum(w) + 1e-6
+  total = weights.ce * jnp.sum(w * ce)
+  if weights.l1:
+    total = total + weights.l1 * jnp.sum(w * l1)
+  bce = jnp.zeros_like(ce)
+  if conf is not None and weights.conf:
+    bce = (jnp.maximum(conf, 0) - conf * alpha + jnp.log1p(jnp.exp(-jnp.abs(conf))))
+    total = total + weights.conf * jnp.sum(w * bce)
+  total = total / denom
+  agree = (jnp.argmax(z, -1) == jnp.argmax(t_logits, -1)).astype(jnp.float32)
+  m = eval_mask
+  # tau estimate per block: 1 + sum_k prod_{i<=k} alpha_i over the valid prefix.
+  surv = jnp.cumprod(jnp.where(m > 0, alpha, 0.0), axis=-1)
+  blocks = jnp.sum(m[..., 0])
+  stats = dict(
+      ce=jnp.sum(w * ce) / denom, l1=jnp.sum(w * l1) / denom, bce=jnp.sum(w * bce) / denom,
+      pos_agree=jnp.sum(agree * m, axis=(0, 1)), pos_alpha=jnp.sum(alpha * m, axis=(0, 1)),
+      pos_count=jnp.sum(m, axis=(0, 1)), tau_sum=jnp.sum((1.0 + jnp.sum(surv, -1)) * m[..., 0]),
+      blocks=blocks, weight=denom)
+  return total, stats
