@@ -114,6 +114,12 @@ def resolve_model_path(path_or_id: str | os.PathLike) -> str:
   if os.path.isdir(path):
     return path
   from dspark_jax import demo  # lazy: only needed for the embedded models
+  if path == "tiny-random":  # a tiny random checkpoint with a char tokenizer (tests, CI)
+    from dspark_jax import testing
+    out = os.path.join(demo.cache_root(), "models", "tiny-random")
+    if not os.path.exists(os.path.join(out, "config.json")):
+      testing.write_tiny_model_dir(out)
+    return out
   if path in demo.DEMO_MODELS or path == "demo":
     return os.fspath(demo.demo_model_dir(demo.DEFAULT_DEMO_MODEL if path == "demo" else path))
   if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not os.path.exists(path):

@@ -1,0 +1,115 @@
+"""Eagle3 training-time test (TTT), DeepSpec/SpecForge style.
+
+Step s (s = 0..TTT-1) at position t feeds token x_{t+s+1} and, as hidden, `fc(taps_t)` at
+step 0 or the previous step's output at t; RoPE position t+s. Keys visible to the query
+at (s, t): step-0 keys at positions <= t (causal) plus, for steps 1..s, the key of the
+same index t. The prediction is x_{t+s+2}, trained by soft cross-entropy against the
+target distribution softmax(target_logits[t+s+1]) (uniform past the end), masked by the
+loss mask at t+s (last valid token excluded), normalised by B*S, weighted 0.8^s.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dspark_jax.models import attention as attn_lib
+from dspark_jax.typing import Array
+
+
+def ttt_attention(att, q: Array, k0: Array, v0: Array, diag: list[tuple[Array, Array]],
+                  valid_len: Array) -> Array:
+  """q `[B, S, N, H]` over causal step-0 keys `k0` plus same-index keys of later steps.
+
+  Args:
+    diag: keys/values `[B, S, K, H]` of steps 1..s (the current step's included).
+    valid_len: `[B]`, keys at index >= valid_len are invisible (shrinks by one per step).
+  """
+  b, s, n, h = q.shape
+  kh = k0.shape[2]
+  g = n // kh
+  qg = q.reshape(b, s, kh, g, h)
+  f32 = jnp.float32
+  lc = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k0, preferred_element_type=f32) * att.scale
+  idx = jnp.arange(s)
+  vis = (idx[None, :] <= idx[:, None])[None] & (idx[None, None, :] < valid_len[:, None, None])
+  if att.logit_softcap is not None:
+    lc = jnp.tanh(lc / att.logit_softcap) * att.logit_softcap
+  lc = jnp.where(vis[:, None, None], lc, attn_lib.MASK_VALUE)
+  parts = [lc]
+  for kd, _ in diag:
+    ld = jnp.einsum("BTKGH,BTKH->BKGT", qg, kd, preferred_element_type=f32) * att.scale
+    if att.logit_softcap is not None:
+      ld = jnp.tanh(ld / att.logit_softcap) * att.logit_softcap
+    ok = (idx[None, :] < valid_len[:, None])[:, None, None, :]
+    parts.append(jnp.where(ok, ld, attn_lib.MASK_VALUE)[..., None])
+  probs = jax.nn.softmax(jnp.concatenate(parts, axis=-1), axis=-1)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., :s].astype(v0.dtype), v0,
+                   preferred_element_type=f32)
+  for j, (_, vd) in enumerate(diag):
+    out = out + probs[..., s + j].transpose(0, 3, 1, 2)[..., None] * vd[:, :, :, None, :]
+  return out.reshape(b, s, n, v0.shape[-1]).astype(q.dtype)
+
+
+def objective(draft, tmodel, mb: dict, taps: Array, hidden: Array, key, *, ttt_length: int,
+              step_decay: float):
+  """Eagle3 TTT loss. Returns (loss, stats) with the same stats keys as the parallel drafts."""
+  tokens, loss_mask, lengths = mb["tokens"], mb["loss_mask"], mb["lengths"]
+  b, s = tokens.shape
+  v = tmodel.cfg.vocab_size
+  idx = jnp.arange(s)
+  # Target distribution for the prediction made at position u: p(x_{u+2}) = softmax(T[u+1]).
+  t_probs = jax.nn.softmax(tmodel.logits_from_hidden(hidden).astype(jnp.float32), axis=-1)
+  uniform = jnp.full((b, ttt_length + 1, v), 1.0 / v, jnp.float32)
+  t_probs = jnp.concatenate([t_probs[:, 1:], uniform], axis=1)  # [B, S + TTT, V]
+  in_seq = idx[None, :] < lengths[:, None]
+  pm0 = loss_mask.astype(bool) & in_seq & (idx[None, :] != (lengths - 1)[:, None])
+  pm0 = jnp.concatenate([pm0, jnp.zeros((b, ttt_length), bool)], axis=1)
+  padded_tokens = jnp.concatenate([tokens, jnp.zeros((b, ttt_length + 1), tokens.dtype)], axis=1)
+
+  h = draft.project(taps)
+  step0_kv: list = [None] * len(draft.layers)
+  diag_kv: list = [[] for _ in draft.layers]
+  total = jnp.float32(0.0)
+  agree, alpha_sum, count = [], [], []
+  ce_sum = jnp.float32(0.0)
+  l1_sum = jnp.float32(0.0)
+  for step in range(ttt_length):
+    tok = jax.lax.dynamic_slice_in_dim(padded_tokens, step + 1, s, axis=1)
+    e = tmodel.embed(tok).astype(h.dtype)
+    pos = jnp.broadcast_to(idx + step, (b, s)).astype(jnp.int32)
+    valid_len = jnp.maximum(lengths - step, 0)
+
+    def make_fn(i, step=step, valid_len=valid_len):
+      def fn(att, q, k_new, v_new):
+        if step == 0:
+          step0_kv[i] = (k_new, v_new)
+        else:
+          diag_kv[i].append((k_new, v_new))
+        k0, v0 = step0_kv[i]
+        return ttt_attention(att, q, k0, v0, diag_kv[i], valid_len)
+      return fn
+
+    h = draft.forward(h, e, pos, [make_fn(i) for i in range(len(draft.layers))])
+    logits = draft.logits(tmodel, h).astype(jnp.float32)
+    target = jax.lax.dynamic_slice_in_dim(t_probs, step, s, axis=1)
+    mask = jax.lax.dynamic_slice_in_dim(pm0, step, s, axis=1).astype(jnp.float32)
+    logq = jax.nn.log_softmax(logits, axis=-1)
+    ce = -jnp.sum(target * logq, axis=-1)
+    step_loss = jnp.sum(ce * mask) / (b * s)
+    total = total + (step_decay ** step) * step_loss
+    l1 = jnp.sum(jnp.abs(jnp.exp(logq) - target), axis=-1)
+    alpha = jnp.clip(1.0 - 0.5 * l1, 0.0, 1.0)
+    agree.append(jnp.sum((jnp.argmax(logits, -1) == jnp.argmax(target, -1)) * mask))
+    alpha_sum.append(jnp.sum(alpha * mask))
+    count.append(jnp.sum(mask))
+    ce_sum = ce_sum + jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0) / ttt_length
+    l1_sum = l1_sum + jnp.sum(l1 * mask) / jnp.maximum(jnp.sum(mask), 1.0) / ttt_length
+  pos_alpha = jnp.stack(alpha_sum)
+  pos_count = jnp.stack(count)
+  rates = pos_alpha / jnp.maximum(pos_count, 1.0)
+  tau = 1.0 + jnp.sum(jnp.cumprod(rates))
+  stats = dict(ce=ce_sum, l1=l1_sum, bce=jnp.float32(0.0), pos_agree=jnp.stack(agree),
+               pos_alpha=pos_alpha, pos_count=pos_count, tau_sum=tau, blocks=jnp.float32(1.0),
+               weight=jnp.sum(pos_count))
+  return total, stats
