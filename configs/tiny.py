@@ -14,11 +14,11 @@ def get_config():
   c.draft.num_layers = 1
   c.draft.block_size = 4
   c.draft.markov_rank = 16
-  c.data.code_prompts = 96  # prompts from the Python stdlib's sources when no prompts file
-  c.data.max_length = 96
-  c.data.seq_len = 96
+  c.data.synthetic_prompts = 256  # short built-in prompts when no prompts file is given
+  c.data.max_length = 128
+  c.data.seq_len = 128
   c.data.min_loss_tokens = 4
-  c.data.regen_max_new_tokens = 48
+  c.data.regen_max_new_tokens = 64
   c.data.regen_temperature = 1.0
   c.data.regen_top_p = 1.0
   c.data.regen_top_k = 0
@@ -27,7 +27,7 @@ def get_config():
   c.train.lr = 3e-3
   c.train.global_batch_size = 16
   c.train.micro_batch_size = 8
-  c.train.epochs = 8
+  c.train.epochs = 6
   c.train.compute_dtype = "float32"
   c.train.log_every = 5
   c.train.checkpoint_every = 20

@@ -117,7 +117,9 @@ def resolve_model_path(path_or_id: str | os.PathLike) -> str:
   if path == "tiny-random":  # a tiny random checkpoint with a char tokenizer (tests, CI)
     from dspark_jax import testing
     out = os.path.join(demo.cache_root(), "models", "tiny-random")
-    if not os.path.exists(os.path.join(out, "config.json")):
+    cfg_file = os.path.join(out, "config.json")
+    if (not os.path.exists(cfg_file) or json.load(open(cfg_file)).get(
+        "dspark_jax_tiny_version") != testing.TINY_VERSION):
       testing.write_tiny_model_dir(out)
     return out
   if path in demo.DEMO_MODELS or path == "demo":

@@ -99,9 +99,18 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
   }
 
 
-def write_tiny_model_dir(path, *, seed: int = 0, scale: float = 6.0, layers: int = 4,
-                         hidden: int = 64) -> str:
-  """A random llama-family checkpoint dir with a char-level ChatML tokenizer."""
+TINY_VERSION = 4  # bump when the tiny checkpoint recipe changes (cached copies are rebuilt)
+
+
+def write_tiny_model_dir(path, *, seed: int = 0, scale: float = 12.0, layers: int = 4,
+                         hidden: int = 64, attn_scale: float = 0.25,
+                         logit_gain: float = 4.0) -> str:
+  """A random llama-family checkpoint dir with a char-level ChatML tokenizer.
+
+  `attn_scale` shrinks the attention output projections, so the next token depends mostly
+  on the current one plus a little context: a random model whose text has enough
+  structure for a one-layer draft to learn in a minute.
+  """
   import json
   import os
   import numpy as np
@@ -115,11 +124,19 @@ def write_tiny_model_dir(path, *, seed: int = 0, scale: float = 6.0, layers: int
   cfg = dataclasses.replace(cfg, eos_token_ids=(TINY_SPECIALS.index("<|im_end|>"),),
                             pad_token_id=0)
   target = random_target(cfg, seed=seed, scale=scale)
+  model = target.model
+  for layer in model.model.layers:
+    o = layer.self_attn.o_proj.kernel
+    o.set_value(o[...] * attn_scale)
+  # A larger final-norm gain sharpens the next-token distributions (max p ~ 0.5-0.9), so
+  # greedy and sampled text look alike and drafts have something to learn.
+  model.model.norm.scale.set_value(model.model.norm.scale[...] * logit_gain)
+  target = Target(cfg, model, tokenizer=None, mesh=target.mesh, dtype=target.dtype)
   tmp = str(path) + ".tmp"
   os.makedirs(tmp, exist_ok=True)
   save_tensors(hf_ckpt.export_state(target.model), tmp)
   with open(os.path.join(tmp, "config.json"), "w") as f:
-    json.dump(hf_config_dict(cfg), f, indent=2)
+    json.dump(dict(hf_config_dict(cfg), dspark_jax_tiny_version=TINY_VERSION), f, indent=2)
   with open(os.path.join(tmp, "generation_config.json"), "w") as f:
     json.dump({"eos_token_id": list(cfg.eos_token_ids), "pad_token_id": 0}, f)
   tiny_tokenizer_files(tmp)

@@ -143,6 +143,19 @@ class Trainer:
                            out_shardings=(self.state_sh, None))
     return state
 
+  def restore_latest(self):
+    """The latest checkpointed TrainState (for `--mode=export`)."""
+    state = self.build(1)
+    ckpt = train_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"))
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint under {self.workdir}/checkpoints: train first")
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            state, self.state_sh)
+    state, _ = ckpt.restore(step, abstract)
+    ckpt.close()
+    return state
+
   def draft_from_state(self, state):
     module = nnx.merge(self.dgraph, jax.device_get(state.params), jax.device_get(self.rest))
     return draft_api.Draft(self.dcfg, module, dtype=jnp.float32)
@@ -220,3 +233,134 @@ class Trainer:
       logger.close()
       ckpt.close()
     return state
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline
+# ---------------------------------------------------------------------------------------------
+def data_paths(workdir: str) -> dict[str, str]:
+  d = os.path.join(workdir, "data")
+  return dict(regenerated=os.path.join(d, "regenerated.jsonl"), tokens=os.path.join(d, "tokens.npz"),
+              features=os.path.join(workdir, "features"), draft=os.path.join(workdir, "draft"))
+
+
+def stage_generate_data(config, workdir, target):
+  from dspark_jax.training import data as data_lib
+  paths = data_paths(workdir)
+  rows = []
+  if config.data.prompts:
+    rows += data_lib.read_rows(config.data.prompts, config.data.num_prompts)
+  if config.data.code_prompts:
+    rows += data_lib.stdlib_code_prompts(config.data.code_prompts, seed=config.seed)
+  if config.data.get("synthetic_prompts", 0):
+    rows += data_lib.synthetic_prompts(config.data.synthetic_prompts, seed=config.seed)
+  if not rows:
+    raise ValueError("no training prompts: set --config.data.prompts=<JSONL> and/or "
+                     "--config.data.code_prompts=N")
+  if target.tokenizer is None:
+    raise ValueError("regenerating answers needs the target's tokenizer; this target has none")
+  os.makedirs(os.path.dirname(paths["regenerated"]), exist_ok=True)
+  log(f"regenerating answers for {len(rows)} prompts with the target -> {paths['regenerated']}")
+  data_lib.regenerate(target, rows, paths["regenerated"],
+                      max_new_tokens=config.data.regen_max_new_tokens,
+                      temperature=config.data.regen_temperature, top_p=config.data.regen_top_p,
+                      top_k=config.data.regen_top_k, batch_size=config.data.regen_batch_size,
+                      seed=config.seed, system_prompt=config.data.system_prompt or None)
+  return paths["regenerated"]
+
+
+def stage_tokenize(config, workdir, target):
+  from dspark_jax.training import data as data_lib
+  paths = data_paths(workdir)
+  if not os.path.exists(paths["regenerated"]):
+    raise FileNotFoundError(f"{paths['regenerated']} does not exist: run --mode=generate_data")
+  counts = data_lib.tokenize_file(
+      target.tokenizer, paths["regenerated"], paths["tokens"], max_length=config.data.max_length,
+      min_loss_tokens=config.data.min_loss_tokens, system_prompt=config.data.system_prompt or None,
+      assistant_prefix=config.data.get("assistant_prefix", ""))
+  log(f"tokenized: {json.dumps(counts)}")
+  if counts["samples"] == 0:
+    raise ValueError("tokenisation kept no samples (all shorter than data.min_loss_tokens?)")
+  return paths["tokens"]
+
+
+def total_steps_for(config, batches) -> int:
+  if config.train.max_steps:
+    return int(config.train.max_steps)
+  return int(config.train.epochs * batches.steps_per_epoch)
+
+
+def make_batches(config, workdir):
+  from dspark_jax.training import data as data_lib
+  paths = data_paths(workdir)
+  data = data_lib.load_tokenized(paths["tokens"])
+  if len(data) < config.train.global_batch_size:
+    raise ValueError(f"{len(data)} tokenized samples < train.global_batch_size "
+                     f"{config.train.global_batch_size}")
+  batches = data_lib.BatchIterator(data, batch_size=config.train.global_batch_size,
+                                   seq_len=config.data.seq_len, seed=config.seed,
+                                   pad_id=0)
+  if config.features.mode == "offline":
+    from dspark_jax.training import feature_cache
+    cache_dir = config.features.cache_dir or paths["features"]
+    batches = feature_cache.WithFeatures(batches, feature_cache.open_cache(cache_dir))
+  return batches
+
+
+def stage_train(config, workdir, trainer: Trainer, *, kill_after=None, progress=True):
+  batches = make_batches(config, workdir)
+  total = total_steps_for(config, batches)
+  log(f"training {config.algorithm}: {trainer.dcfg} for {total} steps "
+      f"({batches.steps_per_epoch} steps/epoch, global batch {config.train.global_batch_size})")
+  state = trainer.run(batches, total_steps=total, kill_after=kill_after, progress=progress)
+  return state, total
+
+
+def stage_export(config, workdir, trainer: Trainer, state=None):
+  from dspark_jax.drafts.checkpoint import save_draft
+  paths = data_paths(workdir)
+  if state is None:
+    state = trainer.restore_latest()
+  draft = trainer.draft_from_state(state)
+  draft.target = trainer.target
+  draft.num_anchors = config.train.num_anchors
+  draft.step_loss_decay = config.eagle3.step_loss_decay
+  draft.target_name = config.target
+  save_draft(draft, paths["draft"], dtype="float32" if config.train.compute_dtype == "float32"
+             else "bfloat16")
+  log(f"exported draft -> {paths['draft']}")
+  return paths["draft"]
+
+
+def run(config, workdir: str, mode: str = "all", *, kill_after=None, progress=True):
+  """Runs the pipeline stages `mode` asks for; "all" runs whatever is missing."""
+  if mode not in MODES:
+    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  paths = data_paths(workdir)
+  mesh = sharding_lib.make_mesh(dict(config.mesh))
+  target = load_target(config.target, dtype=config.dtype, mesh=mesh)
+  trainer = Trainer.create(config, workdir, target=target)
+  if mode in ("all", "generate_data") and (mode != "all" or not os.path.exists(paths["tokens"])):
+    stage_generate_data(config, workdir, target)
+  if mode in ("all", "tokenize") and (mode != "all" or not os.path.exists(paths["tokens"])):
+    stage_tokenize(config, workdir, target)
+  if mode == "cache_features" or (mode == "all" and config.features.mode == "offline"
+                                  and not os.path.exists(os.path.join(
+                                      config.features.cache_dir or paths["features"],
+                                      "manifest.json"))):
+    from dspark_jax.training import feature_cache
+    feature_cache.write_cache(target, trainer.dcfg, paths["tokens"],
+                              config.features.cache_dir or paths["features"],
+                              seq_len=config.data.seq_len)
+  state = None
+  if mode in ("all", "train"):
+    state, _ = stage_train(config, workdir, trainer, kill_after=kill_after, progress=progress)
+    if kill_after is not None:
+      return None
+  if mode in ("all", "export"):
+    return stage_export(config, workdir, trainer, state)
+  return None

@@ -1,0 +1,30 @@
+"""Train DSpark / DFlash / Eagle3 drafts with target features computed online.
+
+  python train.py --config=configs/gemma4_12b.py --workdir=runs/gemma4
+  python train.py --config=configs/tiny.py --workdir=/tmp/tiny            # ~1 min on CPU
+  python train.py --config=configs/qwen3_4b.py --config.algorithm=eagle3 --config.draft.num_layers=1 \
+      --config.data.prompts=prompts.jsonl --workdir=runs/q4 --mode=generate_data
+
+With no --mode the whole pipeline runs (regenerate -> tokenize -> train -> export), skipping
+stages whose outputs already exist in --workdir and resuming training from its checkpoints.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "training config file", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for data, checkpoints, metrics, draft")
+_MODE = flags.DEFINE_enum("mode", "all", ["all", "generate_data", "tokenize", "cache_features",
+                                          "train", "export"], "pipeline stage to run")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from dspark_jax.training import driver  # after flag parsing: keeps --help fast
+  driver.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
