@@ -7,12 +7,18 @@
 """
 
 import os
+import sys
 
 from absl import app
 from ml_collections import config_flags
 
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "serve.py")
+if __name__ == "__main__":
+  # Before DEFINE: with a default file, ml_collections parses overrides at definition time.
+  from dspark_jax.run_config import precheck_argv
+  precheck_argv(sys.argv, _DEFAULT_CONFIG)  # a mistyped --config.<field> names valid fields
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "serve.py"),
+    "config", _DEFAULT_CONFIG,
     "serve config file (ml_collections); fields are overridable as --config.<field>=...",
     lock_config=True)
 

@@ -9,7 +9,9 @@ With no --mode the whole pipeline runs (regenerate -> tokenize -> train -> expor
 stages whose outputs already exist in --workdir and resuming training from its checkpoints.
 """
 
-from absl import app, flags
+import logging as std_logging
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file", lock_config=True)
@@ -22,9 +24,16 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Orbax and absl log every checkpoint step at INFO; the progress bar says what matters.
+  logging.set_verbosity(logging.WARNING)
+  for name in ("absl", "orbax", "jax._src.xla_bridge"):
+    std_logging.getLogger(name).setLevel(std_logging.WARNING)
   from dspark_jax.training import driver  # after flag parsing: keeps --help fast
   driver.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
 
 
 if __name__ == "__main__":
+  import sys
+  from dspark_jax.run_config import precheck_argv
+  precheck_argv(sys.argv)  # a mistyped --config.<field> gets a message naming valid fields
   app.run(main)

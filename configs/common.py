@@ -67,6 +67,7 @@ def base_config():
   c.train.log_every = 10
   c.train.checkpoint_every = 3000
   c.train.keep_checkpoints = 2
+  c.train.export_dtype = "bfloat16"  # dtype of the exported draft (DeepSpec ships bf16)
 
   c.eagle3 = ml_collections.ConfigDict()
   c.eagle3.ttt_length = 7

@@ -8,7 +8,7 @@ from configs import common
 
 def get_config():
   c = common.base_config()
-  c.target = "tiny-random"  # created on first use under the user cache dir
+  c.target = "tiny"  # created on first use under the user cache dir
   c.dtype = "float32"
   c.seed = 0
   c.draft.num_layers = 1
@@ -27,8 +27,9 @@ def get_config():
   c.train.lr = 3e-3
   c.train.global_batch_size = 16
   c.train.micro_batch_size = 8
-  c.train.epochs = 6
+  c.train.epochs = 25
   c.train.compute_dtype = "float32"
+  c.train.export_dtype = "float32"
   c.train.log_every = 5
   c.train.checkpoint_every = 20
   c.eagle3.ttt_length = 4

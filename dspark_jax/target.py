@@ -114,9 +114,9 @@ def resolve_model_path(path_or_id: str | os.PathLike) -> str:
   if os.path.isdir(path):
     return path
   from dspark_jax import demo  # lazy: only needed for the embedded models
-  if path == "tiny-random":  # a tiny random checkpoint with a char tokenizer (tests, CI)
+  if path == "tiny":  # a tiny quickly-trained checkpoint with a char tokenizer (tests, CI)
     from dspark_jax import testing
-    out = os.path.join(demo.cache_root(), "models", "tiny-random")
+    out = os.path.join(demo.cache_root(), "models", "tiny")
     cfg_file = os.path.join(out, "config.json")
     if (not os.path.exists(cfg_file) or json.load(open(cfg_file)).get(
         "dspark_jax_tiny_version") != testing.TINY_VERSION):

@@ -99,49 +99,98 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
   }
 
 
-TINY_VERSION = 4  # bump when the tiny checkpoint recipe changes (cached copies are rebuilt)
+TINY_VERSION = 5  # bump when the tiny checkpoint recipe changes (cached copies are rebuilt)
+
+# The tiny target's "language": replies are walks on a small word graph (each word has three
+# possible successors), spelled out character by character. Inside a word the next character
+# is certain, at a word boundary one of three words follows; so the target is neither trivial
+# nor random, and a draft has real structure to learn in seconds, as with a real LM.
+TINY_WORDS = ("the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "tree", "blue",
+              "river", "jax", "draft", "block", "token", "fast", "model", "is", "very", "small",
+              "seven", "apple", "cloud", "prime", "green", "runs", "with", "light")
 
 
-def write_tiny_model_dir(path, *, seed: int = 0, scale: float = 12.0, layers: int = 4,
-                         hidden: int = 64, attn_scale: float = 0.25,
-                         logit_gain: float = 4.0) -> str:
-  """A random llama-family checkpoint dir with a char-level ChatML tokenizer.
+def tiny_corpus(n: int, seed: int = 0) -> list[dict]:
+  """`n` ChatML conversations: a synthetic prompt and a word-graph reply (see TINY_WORDS)."""
+  import random
+  from dspark_jax.training import data as data_lib
+  graph_rng = random.Random(1234)  # the graph is fixed; `seed` only varies the walks
+  succ = {w: graph_rng.sample(TINY_WORDS, 3) for w in TINY_WORDS}
+  rng = random.Random(seed)
+  out = []
+  for row in data_lib.synthetic_prompts(n, seed=seed):
+    w = TINY_WORDS[len(row["turns"][0]) % len(TINY_WORDS)]  # first word set by the prompt
+    words = [w]
+    for _ in range(rng.randint(6, 12)):
+      words.append(rng.choice(succ[words[-1]]))
+    out.append([{"role": "user", "content": row["turns"][0]},
+                {"role": "assistant", "content": " ".join(words) + "."}])
+  return out
 
-  `attn_scale` shrinks the attention output projections, so the next token depends mostly
-  on the current one plus a little context: a random model whose text has enough
-  structure for a one-layer draft to learn in a minute.
-  """
+
+def train_tiny_target(target: Target, tokenizer, *, steps: int = 300, batch: int = 32,
+                      seq_len: int = 128, lr: float = 3e-3, seed: int = 0) -> Target:
+  """Fits `target` to `tiny_corpus` with next-token CE (a few seconds on one CPU core)."""
+  import numpy as np
+  import optax
+  convs = tiny_corpus(steps * batch // 4, seed=seed)
+  rows = np.zeros((len(convs), seq_len), np.int32)
+  mask = np.zeros((len(convs), seq_len), np.float32)
+  for i, conv in enumerate(convs):
+    ids = tokenizer.apply_chat_template(conv, add_generation_prompt=False)[:seq_len]
+    rows[i, :len(ids)] = ids
+    mask[i, :len(ids) - 1] = 1.0
+  graphdef, params = nnx.split(target.model)
+  opt = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=0.0)
+  opt_state = opt.init(params)
+
+  def loss_fn(p, toks, m):
+    logits = nnx.merge(graphdef, p)(toks).logits[:, :-1]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, toks[:, 1:])
+    return jnp.sum(ce * m[:, :-1]) / jnp.sum(m[:, :-1])
+
+  @jax.jit
+  def step(p, o, toks, m):
+    loss, g = jax.value_and_grad(loss_fn)(p, toks, m)
+    upd, o = opt.update(g, o, p)
+    return optax.apply_updates(p, upd), o, loss
+
+  rng = np.random.default_rng(seed)
+  for _ in range(steps):
+    idx = rng.integers(0, len(rows), batch)
+    params, opt_state, _ = step(params, opt_state, jnp.asarray(rows[idx]), jnp.asarray(mask[idx]))
+  nnx.update(target.model, params)
+  return target
+
+
+def write_tiny_model_dir(path, *, seed: int = 0, layers: int = 2, hidden: int = 64,
+                         steps: int = 300) -> str:
+  """A tiny llama-family checkpoint dir with a char-level ChatML tokenizer, trained for
+  `steps` steps on `tiny_corpus` so that its text has learnable structure."""
+  import dataclasses
   import json
   import os
-  import numpy as np
+  import shutil
   from dspark_jax.checkpoints import hf as hf_ckpt
   from dspark_jax.checkpoints.safetensors_io import save_tensors
+  from dspark_jax.tokenizer import Tokenizer
   vocab = len(TINY_SPECIALS) + len(TINY_CHARS)
   vocab = (vocab + 7) // 8 * 8
   cfg = tiny_config("llama", vocab=vocab, hidden=hidden, layers=layers, heads=4, kv_heads=2,
                     head_dim=hidden // 4)
-  import dataclasses
   cfg = dataclasses.replace(cfg, eos_token_ids=(TINY_SPECIALS.index("<|im_end|>"),),
                             pad_token_id=0)
-  target = random_target(cfg, seed=seed, scale=scale)
-  model = target.model
-  for layer in model.model.layers:
-    o = layer.self_attn.o_proj.kernel
-    o.set_value(o[...] * attn_scale)
-  # A larger final-norm gain sharpens the next-token distributions (max p ~ 0.5-0.9), so
-  # greedy and sampled text look alike and drafts have something to learn.
-  model.model.norm.scale.set_value(model.model.norm.scale[...] * logit_gain)
-  target = Target(cfg, model, tokenizer=None, mesh=target.mesh, dtype=target.dtype)
   tmp = str(path) + ".tmp"
   os.makedirs(tmp, exist_ok=True)
+  tiny_tokenizer_files(tmp)
+  target = random_target(cfg, seed=seed)
+  train_tiny_target(target, Tokenizer.from_dir(tmp), steps=steps, seed=seed)
   save_tensors(hf_ckpt.export_state(target.model), tmp)
   with open(os.path.join(tmp, "config.json"), "w") as f:
     json.dump(dict(hf_config_dict(cfg), dspark_jax_tiny_version=TINY_VERSION), f, indent=2)
   with open(os.path.join(tmp, "generation_config.json"), "w") as f:
     json.dump({"eos_token_id": list(cfg.eos_token_ids), "pad_token_id": 0}, f)
-  tiny_tokenizer_files(tmp)
   if os.path.exists(path):
-    import shutil
     shutil.rmtree(path)
   os.replace(tmp, path)
   return str(path)

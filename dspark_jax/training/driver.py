@@ -310,7 +310,9 @@ def make_batches(config, workdir):
 def stage_train(config, workdir, trainer: Trainer, *, kill_after=None, progress=True):
   batches = make_batches(config, workdir)
   total = total_steps_for(config, batches)
-  log(f"training {config.algorithm}: {trainer.dcfg} for {total} steps "
+  d = trainer.dcfg
+  log(f"training {config.algorithm}: {d.num_layers} layer(s), block {d.block_size}, taps "
+      f"{list(d.target_layer_ids)}, markov rank {d.markov_rank}, for {total} steps "
       f"({batches.steps_per_epoch} steps/epoch, global batch {config.train.global_batch_size})")
   state = trainer.run(batches, total_steps=total, kill_after=kill_after, progress=progress)
   return state, total
@@ -326,8 +328,7 @@ def stage_export(config, workdir, trainer: Trainer, state=None):
   draft.num_anchors = config.train.num_anchors
   draft.step_loss_decay = config.eagle3.step_loss_decay
   draft.target_name = config.target
-  save_draft(draft, paths["draft"], dtype="float32" if config.train.compute_dtype == "float32"
-             else "bfloat16")
+  save_draft(draft, paths["draft"], dtype=config.train.export_dtype)
   log(f"exported draft -> {paths['draft']}")
   return paths["draft"]
 

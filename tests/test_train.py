@@ -1,0 +1,374 @@
+"""train.py and the training library: the tiny pipeline learns, resumes exactly, shards exactly.
+
+The tiny target (`load_target("tiny")`) is a 2-layer char-level llama trained for a few
+seconds on a word-graph chat corpus, so drafts have real structure to learn in ~30 s.
+"""
+
+import glob
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dspark_jax as dj
+from dspark_jax import run_config
+from dspark_jax.drafts import api
+from dspark_jax.drafts.config import DraftConfigError
+from dspark_jax.training import data as data_lib
+from dspark_jax.training import driver
+from dspark_jax.training import parallel_objective as po
+from dspark_jax.training import train_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.py")
+
+
+def tiny_config(**overrides):
+  return run_config.apply_overrides(run_config.load_config_file(TINY), overrides)
+
+
+@pytest.fixture(scope="module")
+def target():
+  return dj.load_target("tiny")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, target):
+  """A workdir holding regenerated + tokenized data (shared by the training tests)."""
+  wd = str(tmp_path_factory.mktemp("prepared"))
+  cfg = tiny_config()
+  driver.stage_generate_data(cfg, wd, target)
+  driver.stage_tokenize(cfg, wd, target)
+  return wd
+
+
+def workdir_with_data(prepared, path) -> str:
+  path = str(path)
+  os.makedirs(path, exist_ok=True)
+  shutil.copytree(os.path.join(prepared, "data"), os.path.join(path, "data"))
+  return path
+
+
+def eval_prompts(target, n=16):
+  rows = data_lib.synthetic_prompts(n, seed=123)  # not the training seed
+  return [target.tokenizer.apply_chat_template([{"role": "user", "content": r["turns"][0]}])
+          for r in rows]
+
+
+def read_metrics(wd):
+  import json
+  with open(os.path.join(wd, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny pipeline: loss falls, tau well above the untrained draft, greedy and T=1.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("algorithm", ["dspark", "dflash", "eagle3"])
+def test_tiny_training_learns(algorithm, prepared, target, tmp_path):
+  wd = workdir_with_data(prepared, tmp_path / algorithm)
+  cfg = tiny_config(algorithm=algorithm)
+  t0 = time.perf_counter()
+  driver.run(cfg, wd, progress=False)
+  elapsed = time.perf_counter() - t0
+  print(f"{algorithm}: trained + exported in {elapsed:.1f} s")
+  metrics = read_metrics(wd)
+  first = np.mean([m["loss"] for m in metrics[:3]])
+  last = np.mean([m["loss"] for m in metrics[-3:]])
+  assert last < 0.8 * first, (first, last)
+  assert not any(np.isnan(m["loss"]) for m in metrics)
+
+  trained = dj.load_draft(os.path.join(wd, "draft"), target)
+  assert trained.config.algorithm == algorithm
+  untrained = api.init_draft(target, algorithm, num_layers=trained.config.num_layers,
+                             block_size=trained.config.block_size,
+                             markov_rank=trained.config.markov_rank,
+                             target_layer_ids=trained.config.target_layer_ids, seed=1)
+  prompts = eval_prompts(target)
+  for temperature in (0.0, 1.0):
+    taus = {}
+    for name, draft in (("untrained", untrained), ("trained", trained)):
+      res = dj.generate(target, prompts, draft=draft, max_new_tokens=48, temperature=temperature,
+                        seed=7)
+      taus[name] = res.stats.tau
+    print(algorithm, temperature, taus)
+    assert taus["untrained"] < 1.2, taus
+    assert taus["trained"] > taus["untrained"] + 0.5, (temperature, taus)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact resume after SIGKILL.
+# ---------------------------------------------------------------------------------------------
+def _draft_tensors(wd):
+  from safetensors.numpy import load_file
+  out = {}
+  for f in sorted(glob.glob(os.path.join(wd, "draft", "*.safetensors"))):
+    out.update(load_file(f))
+  return out
+
+
+def test_resume_after_sigkill_matches_uninterrupted(prepared, tmp_path):
+  steps, every = 120, 20
+  over = {"train.max_steps": steps, "train.checkpoint_every": every, "train.epochs": 100}
+  # Uninterrupted, in process.
+  wd_a = workdir_with_data(prepared, tmp_path / "a")
+  driver.run(tiny_config(**over), wd_a, progress=False)
+  # Killed with SIGKILL once a mid-run checkpoint exists, then resumed by the same command.
+  wd_b = workdir_with_data(prepared, tmp_path / "b")
+  cmd = [sys.executable, str(REPO / "train.py"), f"--config={TINY}", f"--workdir={wd_b}"] + [
+      f"--config.{k}={v}" for k, v in over.items()]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+  ckpt40 = os.path.join(wd_b, "checkpoints", "40")
+  deadline = time.time() + 300
+  while not os.path.isdir(ckpt40) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  _, err = proc.communicate()
+  assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+  assert not os.path.exists(os.path.join(wd_b, "draft")), "run finished before the kill"
+  done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "resumed from step" in done.stderr
+  a, b = _draft_tensors(wd_a), _draft_tensors(wd_b)
+  assert a.keys() == b.keys() and a
+  for name in a:
+    np.testing.assert_allclose(b[name], a[name], atol=1e-6, rtol=0, err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded step on 8 fake CPU devices == 1-device step.
+# ---------------------------------------------------------------------------------------------
+SHARDED_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import jax, numpy as np
+    assert len(jax.devices()) == 8, jax.devices()
+    import dspark_jax as dj
+    from dspark_jax import run_config, sharding
+    from dspark_jax.training import driver
+    repo, prepared, out, algorithm = sys.argv[1:5]
+    results = {}
+    for name, mesh in (("one", dict(data=1, fsdp=1, tensor=1)),
+                       ("sharded", dict(data=2, fsdp=1, tensor=4))):
+      cfg = run_config.apply_overrides(run_config.load_config_file(repo + "/configs/tiny.py"), {
+          "algorithm": algorithm, "mesh.data": mesh["data"], "mesh.fsdp": mesh["fsdp"],
+          "mesh.tensor": mesh["tensor"], "train.max_steps": 1})
+      m = sharding.make_mesh(dict(cfg.mesh))
+      target = dj.load_target("tiny", mesh=m)
+      trainer = driver.Trainer.create(cfg, os.path.join(out, name), target=target)
+      batches = driver.make_batches(cfg, prepared)
+      state = trainer.run(batches, total_steps=1, progress=False)
+      if name == "sharded":
+        specs = [x.sharding.spec for x in jax.tree.leaves(state.params)]
+        assert any(any(a is not None for a in s) for s in specs), specs  # really sharded
+      leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
+      results[name] = {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
+    worst = max(float(np.abs(results["one"][k] - results["sharded"][k]).max())
+                for k in results["one"])
+    print("MAXDIFF", worst)
+""")
+
+
+@pytest.mark.parametrize("algorithm", ["dspark", "eagle3"])
+def test_sharded_step_matches_single_device(algorithm, prepared, tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  res = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(REPO), prepared,
+                        str(tmp_path), algorithm], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert res.returncode == 0, res.stderr[-4000:]
+  diff = float(res.stdout.split("MAXDIFF")[-1])
+  assert diff < 1e-5, diff
+
+
+# ---------------------------------------------------------------------------------------------
+# Anchors, masks, padding.
+# ---------------------------------------------------------------------------------------------
+def test_anchors_inside_reply_unique_sorted():
+  rng = np.random.default_rng(0)
+  b, s, n = 6, 40, 8
+  mask = np.zeros((b, s), np.int32)
+  lengths = np.array([40, 30, 20, 12, 40, 40], np.int32)
+  starts = [5, 10, 3, 8, 39, 0]
+  for i, st in enumerate(starts):
+    mask[i, st:lengths[i]] = 1
+  mask[5] = 0  # a padding row: no reply at all
+  for seed in range(5):
+    anchors, keep = po.sample_anchors(jax.random.key(seed), jnp.asarray(mask),
+                                      jnp.asarray(lengths), n)
+    anchors, keep = np.asarray(anchors), np.asarray(keep)
+    for i in range(b):
+      cand = [p for p in range(s - 1) if mask[i, p] and mask[i, p + 1] and p + 1 < lengths[i]]
+      kept = anchors[i][keep[i]]
+      assert len(kept) == min(n, len(cand))
+      assert all(p in cand for p in kept), (i, kept, cand)
+      assert len(set(kept.tolist())) == len(kept)
+      assert np.all(np.diff(kept) > 0)
+  assert keep[5].sum() == 0 and keep[4].sum() == 0
+
+
+def _tiny_parallel(target, algorithm="dspark", seed=3):
+  return api.init_draft(target, algorithm, num_layers=1, block_size=4, markov_rank=8,
+                        target_layer_ids=(0, 1), seed=seed)
+
+
+def test_context_visibility_strictly_before_anchor(target):
+  draft = _tiny_parallel(target)
+  rng = np.random.default_rng(1)
+  s = 24
+  toks = jnp.asarray(rng.integers(4, 100, (1, s)), jnp.int32)
+  taps, _ = train_lib.target_features(target.model, toks, draft.config.target_layer_ids)
+  anchors = jnp.array([[6, 12]], jnp.int32)
+  keep = jnp.ones((1, 2), bool)
+  _, _, prev = po.block_labels(toks, jnp.ones((1, s)), jnp.array([s]), anchors, keep, 4)
+  z0, _ = po.draft_forward(draft.module, target.model, toks, taps, anchors, keep, prev)
+  # Features at the anchor and after it are invisible to that block (and to block 0).
+  taps_late = taps.at[:, 12:].add(5.0)
+  z1, _ = po.draft_forward(draft.module, target.model, toks, taps_late, anchors, keep, prev)
+  np.testing.assert_allclose(z1[:, 1], z0[:, 1], atol=1e-5)
+  np.testing.assert_allclose(z1[:, 0], z0[:, 0], atol=1e-5)
+  # Features strictly before the anchor do matter.
+  taps_early = taps.at[:, 8].add(5.0)
+  z2, _ = po.draft_forward(draft.module, target.model, toks, taps_early, anchors, keep, prev)
+  np.testing.assert_allclose(z2[:, 0], z0[:, 0], atol=1e-5)  # 8 >= 6: invisible to block 0
+  assert float(jnp.abs(z2[:, 1] - z0[:, 1]).max()) > 1e-3  # 8 < 12: visible to block 1
+
+
+@pytest.mark.parametrize("algorithm", ["dspark", "dflash"])
+def test_training_forward_equals_propose_block(algorithm, target):
+  """The teacher-forced training forward computes exactly what the decoder proposes."""
+  draft = _tiny_parallel(target, algorithm)
+  rng = np.random.default_rng(0)
+  s = 24
+  toks = jnp.asarray(rng.integers(4, 100, (1, s)), jnp.int32)
+  taps, _ = train_lib.target_features(target.model, toks, draft.config.target_layer_ids)
+  anchor_list = [5, 10, 15]
+  anchors = jnp.array([anchor_list], jnp.int32)
+  keep = jnp.ones((1, 3), bool)
+  _, _, prev = po.block_labels(toks, jnp.ones((1, s)), jnp.array([s]), anchors, keep, 4)
+  proposals = []
+  for j, a in enumerate(anchor_list):
+    tokens, logits, _ = dj.propose_block(target, draft, np.asarray(toks[0, :a + 1]).tolist())
+    # Teacher-force the sequential head with the tokens the proposal itself sampled.
+    prev = prev.at[0, j].set(jnp.concatenate([toks[0, a:a + 1], tokens[:-1]]))
+    proposals.append(logits)
+  z, _ = po.draft_forward(draft.module, target.model, toks, taps, anchors, keep, prev)
+  for j in range(3):
+    np.testing.assert_allclose(np.asarray(z[0, j]), np.asarray(proposals[j]), atol=2e-5)
+
+
+@pytest.mark.parametrize("algorithm", ["dspark", "dflash", "eagle3"])
+def test_padding_rows_zero_loss_no_nan(algorithm, target):
+  cfg = tiny_config(algorithm=algorithm)
+  trainer = driver.Trainer.create(cfg, "/nonexistent-unused", target=target)
+  state = trainer.build(total_steps=10)
+  s = 32
+  rng = np.random.default_rng(0)
+  toks = rng.integers(4, 100, (2, 4, s)).astype(np.int32)
+  mask = np.zeros((2, 4, s), np.int32)
+  lengths = np.full((2, 4), s, np.int32)
+  mask[0, 0, 10:] = 1  # one real row; everything else is padding
+  toks[1] = 0
+  lengths[1] = 0
+  batch = dict(tokens=jnp.asarray(toks), loss_mask=jnp.asarray(mask),
+               lengths=jnp.asarray(lengths))
+  new_state, metrics = trainer.step_fn(state, trainer.rest, target.params, batch)
+  for k, v in metrics.items():
+    assert np.all(np.isfinite(np.asarray(v))), k
+  for leaf in jax.tree.leaves(new_state.params):
+    assert np.all(np.isfinite(np.asarray(leaf)))
+  # An all-padding batch: zero loss, zero gradient.
+  state2 = trainer.build(total_steps=10)
+  empty = dict(tokens=jnp.zeros_like(batch["tokens"]), loss_mask=jnp.zeros_like(batch["loss_mask"]),
+               lengths=jnp.zeros_like(batch["lengths"]))
+  _, m2 = trainer.step_fn(state2, trainer.rest, target.params, empty)
+  assert float(m2["loss"]) == 0.0
+  assert float(m2["grad_norm"]) == 0.0
+
+
+def test_offline_feature_cache_matches_online(prepared, target, tmp_path):
+  """One step on cached (bf16) features is close to the online step on the same batch."""
+  from dspark_jax.training import feature_cache
+  wd = workdir_with_data(prepared, tmp_path / "off")
+  states = {}
+  for mode in ("online", "offline"):
+    cfg = tiny_config(**{"features.mode": mode, "train.max_steps": 1,
+                         "features.cache_dir": os.path.join(wd, "features")})
+    if mode == "offline":
+      trainer = driver.Trainer.create(cfg, os.path.join(wd, mode), target=target)
+      feature_cache.write_cache(target, trainer.dcfg, driver.data_paths(wd)["tokens"],
+                                cfg.features.cache_dir, seq_len=cfg.data.seq_len)
+    trainer = driver.Trainer.create(cfg, os.path.join(wd, mode), target=target)
+    states[mode] = trainer.run(driver.make_batches(cfg, wd), total_steps=1, progress=False)
+  for a, b in zip(jax.tree.leaves(states["online"].params), jax.tree.leaves(states["offline"].params)):
+    # bf16 features move the one-step update by far less than the update itself.
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics files, config errors.
+# ---------------------------------------------------------------------------------------------
+def test_tensorboard_reads_event_files(tmp_path):
+  event_file_loader = pytest.importorskip(
+      "tensorboard.backend.event_processing.event_file_loader")
+  from dspark_jax.training.metrics import MetricsLogger
+  logger = MetricsLogger(str(tmp_path))
+  logger.write(1, {"loss": 2.5, "tau_est": 1.25})
+  logger.write(2, {"loss": 2.0, "tau_est": 1.5})
+  logger.close()
+  files = glob.glob(str(tmp_path / "**" / "events.out.tfevents*"), recursive=True)
+  assert len(files) == 1
+  seen = {}
+  for ev in event_file_loader.EventFileLoader(files[0]).Load():
+    for v in ev.summary.value:
+      val = v.simple_value if v.HasField("simple_value") else float(
+          v.tensor.float_val[0])
+      seen[(v.tag, ev.step)] = val
+  assert seen == {("loss", 1): 2.5, ("tau_est", 1): 1.25, ("loss", 2): 2.0,
+                  ("tau_est", 2): 1.5}
+  assert len(read_metrics(str(tmp_path))) == 2
+
+
+def test_unknown_config_field_is_a_clear_error(tmp_path):
+  with pytest.raises(run_config.ConfigError, match="train has no field 'lrate'.*valid fields.*lr"):
+    tiny_config(**{"train.lrate": 1e-3})
+  res = subprocess.run([sys.executable, str(REPO / "train.py"), f"--config={TINY}",
+                        f"--workdir={tmp_path}", "--config.draft.blok_size=3"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+  assert res.returncode != 0
+  assert "unknown config field 'draft.blok_size'" in res.stderr
+  assert "Traceback" not in res.stderr
+
+
+def test_layer_id_out_of_range_and_small_block(target):
+  with pytest.raises(DraftConfigError, match=r"target_layer_ids \[7\] out of range"):
+    driver.Trainer.create(tiny_config(**{"draft.target_layer_ids": (0, 7)}), "/unused",
+                          target=target)
+  with pytest.raises(DraftConfigError, match="block_size must be >= 2"):
+    driver.Trainer.create(tiny_config(**{"draft.block_size": 1}), "/unused", target=target)
+  with pytest.raises(DraftConfigError, match="algorithm must be dspark, dflash or eagle3"):
+    driver.Trainer.create(tiny_config(algorithm="medusa"), "/unused", target=target)
+
+
+@pytest.mark.parametrize("name", ["qwen3_4b", "qwen3_8b", "qwen3_14b", "gemma4_12b", "tiny"])
+def test_configs_have_deepspec_defaults(name):
+  cfg = run_config.load_config_file(REPO / "configs" / f"{name}.py")
+  assert cfg.algorithm in ("dspark", "dflash", "eagle3")
+  if name != "tiny":
+    assert cfg.draft.block_size == 7 and cfg.draft.num_layers == 5
+    assert cfg.train.num_anchors == 512 and cfg.draft.markov_rank == 256
+    assert (cfg.train.loss_ce, cfg.train.loss_l1, cfg.train.loss_conf) == (0.1, 0.9, 1.0)
+    assert cfg.train.lr == 6e-4 and cfg.train.warmup_ratio == 0.04
+    assert cfg.train.max_grad_norm == 1.0 and cfg.train.global_batch_size == 512
+    assert cfg.train.epochs == 10 and cfg.train.compute_dtype == "bfloat16"
+    assert len(cfg.draft.target_layer_ids) == 5
