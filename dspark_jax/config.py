@@ -362,7 +362,8 @@ def _gemma3_from_hf(cls, hf):
       sandwich_norm=True,
       embed_scale=True,
       attn_scale=float(hf.get("query_pre_attn_scalar", common["head_dim"])) ** -0.5,
-      attn_logit_softcap=hf.get("attn_logit_softcapping"),
+      # transformers' Gemma 3 reads attn_logit_softcapping but never applies it: neither do we.
+      attn_logit_softcap=None,
       final_logit_softcap=hf.get("final_logit_softcapping"),
       hidden_act=_act(hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"),
       **common,

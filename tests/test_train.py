@@ -219,7 +219,7 @@ def test_anchors_inside_reply_unique_sorted():
 
 def _tiny_parallel(target, algorithm="dspark", seed=3):
   return api.init_draft(target, algorithm, num_layers=1, block_size=4, markov_rank=8,
-                        target_layer_ids=(0, 1), seed=seed)
+                        target_layer_ids=(0,), seed=seed)
 
 
 def test_context_visibility_strictly_before_anchor(target):
@@ -297,22 +297,24 @@ def test_padding_rows_zero_loss_no_nan(algorithm, target):
 
 
 def test_offline_feature_cache_matches_online(prepared, target, tmp_path):
-  """One step on cached (bf16) features is close to the online step on the same batch."""
+  """Cached (bf16) features are the online features of the same batch, rounded to bf16."""
   from dspark_jax.training import feature_cache
   wd = workdir_with_data(prepared, tmp_path / "off")
-  states = {}
-  for mode in ("online", "offline"):
-    cfg = tiny_config(**{"features.mode": mode, "train.max_steps": 1,
-                         "features.cache_dir": os.path.join(wd, "features")})
-    if mode == "offline":
-      trainer = driver.Trainer.create(cfg, os.path.join(wd, mode), target=target)
-      feature_cache.write_cache(target, trainer.dcfg, driver.data_paths(wd)["tokens"],
-                                cfg.features.cache_dir, seq_len=cfg.data.seq_len)
-    trainer = driver.Trainer.create(cfg, os.path.join(wd, mode), target=target)
-    states[mode] = trainer.run(driver.make_batches(cfg, wd), total_steps=1, progress=False)
-  for a, b in zip(jax.tree.leaves(states["online"].params), jax.tree.leaves(states["offline"].params)):
-    # bf16 features move the one-step update by far less than the update itself.
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-3)
+  cfg = tiny_config(**{"features.mode": "offline",
+                       "features.cache_dir": os.path.join(wd, "features")})
+  trainer = driver.Trainer.create(cfg, wd, target=target)
+  feature_cache.write_cache(target, trainer.dcfg, driver.data_paths(wd)["tokens"],
+                            cfg.features.cache_dir, seq_len=cfg.data.seq_len)
+  batch = next(driver.make_batches(cfg, wd))
+  taps, hidden = train_lib.target_features(target.model, jnp.asarray(batch["tokens"]),
+                                           trainer.dcfg.target_layer_ids)
+  valid = np.arange(batch["tokens"].shape[1])[None, :] < batch["lengths"][:, None]
+  for cached, online in ((batch["taps"], taps), (batch["hidden"], hidden)):
+    cached = np.asarray(cached, np.float32)[valid]
+    online = np.asarray(online, np.float32)[valid]
+    # bf16 keeps 8 mantissa bits: relative rounding error <= 2^-9 (plus tiny fp reordering).
+    np.testing.assert_allclose(cached, online, rtol=2.0 ** -8, atol=1e-5)
+  assert float(np.abs(batch["hidden"]).max()) > 0.1  # non-trivial features
 
 
 # ---------------------------------------------------------------------------------------------

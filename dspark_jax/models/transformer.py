@@ -151,10 +151,11 @@ class DecoderLayer(nnx.Module):
       g = layers.activation(self.act)(self.per_layer_input_gate(x)) * per_layer_input
       x = x + self.post_per_layer_input_norm(self.per_layer_projection(g))
     if self.layer_scalar is not None:
-      x = x * self.layer_scalar[...]
+      x = x * layers.lead(self.layer_scalar[...], x.ndim)
     return x
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ForwardOutput:
   """Attributes:

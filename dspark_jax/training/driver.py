@@ -39,6 +39,12 @@ def log(msg: str):
   print(f"[train] {msg}", file=sys.stderr, flush=True)
 
 
+def abstract_like(state):
+  """ShapeDtypeStructs (with the live shardings) of a placed state: the restore target."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      state)
+
+
 def validate_config(config) -> None:
   """Clear errors for settings that would otherwise fail deep inside jit."""
   if config.algorithm not in ("dspark", "dflash", "eagle3"):
@@ -150,8 +156,7 @@ class Trainer:
     step = ckpt.latest_step()
     if step is None:
       raise FileNotFoundError(f"no checkpoint under {self.workdir}/checkpoints: train first")
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            state, self.state_sh)
+    abstract = abstract_like(state)
     state, _ = ckpt.restore(step, abstract)
     ckpt.close()
     return state
@@ -184,8 +189,7 @@ class Trainer:
                                   keep=t.keep_checkpoints)
     start = ckpt.latest_step()
     if start is not None:
-      abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                              state, self.state_sh)
+      abstract = abstract_like(state)
       state, meta = ckpt.restore(start, abstract)
       batches.restore(meta["data"])
       log(f"resumed from step {start} ({self.workdir}/checkpoints)")

@@ -196,7 +196,7 @@ def losses(z: Array, conf: Array | None, t_logits: Array, labels: Array, eval_ma
   z = z.astype(jnp.float32)
   p = z.shape[-2]
   k = jnp.arange(p, dtype=jnp.float32)
-  w = eval_mask * jnp.exp(-k / weights.decay_gamma)
+  w = eval_mask * jnp.exp(-k / weights.decay_gamma)[None, None, :]
   logq = jax.nn.log_softmax(z, axis=-1)
   q = jnp.exp(logq)
   pt = jax.nn.softmax(t_logits.astype(jnp.float32), axis=-1)
