@@ -400,7 +400,9 @@ def _gemma4_from_hf(cls, hf):
   full, sliding = _typed_rope(hf, 10000.0)
   if hf.get("rope_parameters") is None:
     full = RopeConfig(theta=1e6, rope_type="proportional", partial_rotary_factor=0.25)
-  ple = hf.get("hidden_size_per_layer_input") or 0
+  # A missing key means transformers' default (256, per-layer embeddings on); only an
+  # explicit 0 / null turns them off, as in transformers.
+  ple = hf.get("hidden_size_per_layer_input", 256) or 0
   return cls(
       family="gemma4",
       layer_types=tuple(layer_types),
@@ -417,7 +419,7 @@ def _gemma4_from_hf(cls, hf):
       final_logit_softcap=hf.get("final_logit_softcapping"),
       hidden_act=_act(hf.get("hidden_activation") or "gelu_pytorch_tanh"),
       ple_dim=ple,
-      ple_vocab_size=hf.get("vocab_size_per_layer_input", common["vocab_size"]) if ple else 0,
+      ple_vocab_size=hf.get("vocab_size_per_layer_input", 262144) if ple else 0,
       attention_k_eq_v=k_eq_v,
       num_kv_shared_layers=hf.get("num_kv_shared_layers", 0) or 0,
       double_wide_mlp=bool(hf.get("use_double_wide_mlp", False)),

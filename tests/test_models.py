@@ -175,7 +175,8 @@ def test_cache_matches_full_forward(targets, name):
   pos = lengths[:, None] + np.arange(t_block)[None, :]
   block = np.take_along_axis(seqs, pos, axis=1).copy()
   wrong = np.arange(t_block)[None, :] >= accept[:, None]
-  block[wrong] = (block[wrong] + 1 + rng.integers(0, 200, size=int(wrong.sum()))) % 250 + 3
+  shift = rng.integers(1, 247, size=int(wrong.sum()))  # ids stay in [3, 250), never equal
+  block[wrong] = 3 + (block[wrong] - 3 + shift) % 247
   assert (block != np.take_along_axis(seqs, pos, axis=1))[wrong].all()
   logits, cache = _cached_step(graphdef, params, jnp.asarray(block), jnp.asarray(pos), cache)
   check(logits, np.where(wrong, -1, pos), "verify (accepted prefix)")
