@@ -68,6 +68,9 @@ def base_config():
   c.train.checkpoint_every = 3000
   c.train.keep_checkpoints = 2
   c.train.export_dtype = "bfloat16"  # dtype of the exported draft (DeepSpec ships bf16)
+  # Write the frozen embedding / LM head copies into the export, as DeepSpec does (its own
+  # loader needs them; dspark_jax uses the target's and does not).
+  c.train.export_frozen = True
 
   c.eagle3 = ml_collections.ConfigDict()
   c.eagle3.ttt_length = 7

@@ -44,9 +44,12 @@ class GenerationStats:
     accept_lengths: per row, tokens committed per round (accepted drafts + 1).
     tau: mean tokens per round over all rounds of all rows (DeepSpec's acceptance length).
     position_acceptance: conditional acceptance per draft position k (P entries):
-      P(accept k | accepted k-1 and k was verified).
+      P(accept k | accepted k-1 and k was verified); None where k was never reached
+      (None, not NaN, so stats serialise as strict JSON).
     accept_histogram: count of rounds per committed length 1..P+1.
-    draft_time_s / verify_time_s: optional split measured by `bench`.
+    draft_time_s / verify_time_s: with `generate(..., time_split=True)`, the time the
+      run's rounds spent in the draft's propose and the target's verify: rounds run times
+      the per-call times measured alone on the first batch's shapes (`decoding.profile`).
   """
 
   num_tokens: list[int]
@@ -59,6 +62,8 @@ class GenerationStats:
   position_acceptance: list[float] | None = None
   accept_histogram: list[int] | None = None
   verify_lengths: list[list[int]] | None = None
+  draft_time_s: float | None = None
+  verify_time_s: float | None = None
   extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def to_dict(self) -> dict[str, Any]:
@@ -149,7 +154,8 @@ def generate(target, prompts: Sequence, *, draft=None, max_new_tokens: int | Seq
              stop_tokens=None, batch_size: int | None = None,
              request_ids: Sequence[int] | None = None, max_cache_len: int | None = None,
              num_draft_tokens: int | None = None, verify_lengths=None,
-             acceptance: str = "exact", progress: bool = False) -> GenerationResult:
+             acceptance: str = "exact", progress: bool = False,
+             time_split: bool = False) -> GenerationResult:
   """Generates continuations for a list of prompts.
 
   Args:
@@ -170,6 +176,8 @@ def generate(target, prompts: Sequence, *, draft=None, max_new_tokens: int | Seq
     verify_lengths: optional per-prompt verify length <= P (speculative only).
     acceptance: name of the acceptance rule ("exact" speculative sampling).
     progress: show a progress bar over batches.
+    time_split: (speculative) also measure per-call propose / verify times and fill
+      `stats.draft_time_s` / `verify_time_s` (costs two extra compilations).
 
   Returns:
     GenerationResult.
@@ -210,6 +218,7 @@ def generate(target, prompts: Sequence, *, draft=None, max_new_tokens: int | Seq
   verify_used: list[list[int]] | None = [[] for _ in range(n)] if spec else None
   pos_hits = pos_tries = None
   wall = 0.0
+  loop_iters = 0  # while_loop iterations over all batches (= rounds of the longest row)
   bar = None
   if progress:
     from tqdm.auto import tqdm
@@ -246,6 +255,7 @@ def generate(target, prompts: Sequence, *, draft=None, max_new_tokens: int | Seq
       res = spec.run(target, draft, batch, rows, seed_key, params, tp, steps)
       out, num, row_rounds = res.out, res.num_out, res.rounds
     wall += time.perf_counter() - t0
+    loop_iters += int(np.max(row_rounds))
     for j, i in enumerate(rows):
       toks = [int(t) for t in out[j, :num[j]]]
       out_tokens[i] = toks
@@ -272,10 +282,17 @@ def generate(target, prompts: Sequence, *, draft=None, max_new_tokens: int | Seq
     stats.accept_lengths = accept_lengths
     stats.verify_lengths = verify_used
     stats.tau = float(np.mean(flat)) if flat else None
-    stats.position_acceptance = [float(h / t) if t else float("nan")
+    stats.position_acceptance = [float(h / t) if t else None
                                  for h, t in zip(pos_hits, pos_tries)]
     hist = np.bincount(np.asarray(flat, np.int64), minlength=spec.block + 2)[1:]
     stats.accept_histogram = [int(x) for x in hist]
+    if time_split:
+      from dspark_jax.decoding import profile
+      split = profile.round_split(target, draft, [ids[i] for i in batches[0]],
+                                  num_draft=spec.block)
+      stats.draft_time_s = split["propose_ms"] * loop_iters / 1e3
+      stats.verify_time_s = split["verify_ms"] * loop_iters / 1e3
+      stats.extra["round_split_ms"] = split
   texts = None
   if target.tokenizer is not None:
     texts = [target.tokenizer.decode(t) for t in out_tokens]

@@ -46,6 +46,22 @@ def test_round_trip_is_bit_exact(target, tmp_path, algorithm, kw):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_without_frozen_copies_loads_the_same_draft(target, tmp_path):
+  d = draft_api.init_draft(target, "dspark", num_layers=2, block_size=4, target_layer_ids=(1, 3),
+                           markov_rank=8)
+  full = dj.save_draft(d, tmp_path / "full", dtype="float32")
+  slim = dj.save_draft(d, tmp_path / "slim", dtype="float32", include_frozen=False)
+  names = set(load_file(os.path.join(slim, "model.safetensors")))
+  assert names == set(load_file(os.path.join(full, "model.safetensors"))) - {
+      "embed_tokens.weight", "lm_head.weight"}
+  a, b = dj.load_draft(full, target), dj.load_draft(slim, target)
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  prefix = [3, 5, 7, 9]
+  np.testing.assert_array_equal(dj.propose_block(target, a, prefix)[1],
+                                dj.propose_block(target, b, prefix)[1])
+
+
 def test_writes_deepspec_names_and_fields(target, tmp_path):
   d = draft_api.init_draft(target, "dspark", num_layers=2, block_size=7, target_layer_ids=(1, 3),
                            markov_rank=8)

@@ -5,6 +5,7 @@ seconds on a word-graph chat corpus, so drafts have real structure to learn in ~
 """
 
 import glob
+import json
 import os
 import pathlib
 import shutil
@@ -144,6 +145,9 @@ def test_resume_after_sigkill_matches_uninterrupted(prepared, tmp_path):
   assert a.keys() == b.keys() and a
   for name in a:
     np.testing.assert_allclose(b[name], a[name], atol=1e-6, rtol=0, err_msg=name)
+  # Lines the killed run logged after its last checkpoint are replaced, not duplicated.
+  steps_of = lambda wd: [json.loads(l)["step"] for l in open(os.path.join(wd, "metrics.jsonl"))]
+  assert steps_of(wd_b) == steps_of(wd_a)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -131,7 +131,8 @@ def config_to_json(draft: Draft, target_hf: dict, target_cfg: ModelConfig | None
   return cfg
 
 
-def save_draft(draft: Draft, path: str | os.PathLike, *, target=None, dtype: str | None = None):
+def save_draft(draft: Draft, path: str | os.PathLike, *, target=None, dtype: str | None = None,
+               include_frozen: bool = True):
   """Writes `draft` as a DeepSpec-compatible HF directory.
 
   Args:
@@ -141,6 +142,9 @@ def save_draft(draft: Draft, path: str | os.PathLike, *, target=None, dtype: str
       default: the target the draft was created or loaded with.
     dtype: tensor dtype on disk; default the dtype the draft was loaded from, else bfloat16
       (DeepSpec's).
+    include_frozen: write the frozen copies of the target's embedding and LM head, as
+      DeepSpec does. dspark_jax never reads them (the draft uses the target's own), so
+      False saves `2 * V * D` values per draft (the committed demo draft does this).
   """
   target = target if target is not None else getattr(draft, "target", None)
   if target is None or getattr(target, "hf_config", None) is None:
@@ -149,10 +153,11 @@ def save_draft(draft: Draft, path: str | os.PathLike, *, target=None, dtype: str
   np_dtype = {"bfloat16": jnp.bfloat16, "float32": np.float32, "float16": np.float16}[dtype]
   tensors = hf_ckpt.export_state(draft.module)
   tmodel = target.model
-  emb = np.asarray(jax.device_get(tmodel.model.embed_tokens.embedding[...]))
-  tensors["embed_tokens.weight"] = emb
-  tensors["lm_head.weight"] = (emb if tmodel.lm_head is None else
-                               np.asarray(jax.device_get(tmodel.lm_head.kernel[...])).T)
+  if include_frozen:
+    emb = np.asarray(jax.device_get(tmodel.model.embed_tokens.embedding[...]))
+    tensors["embed_tokens.weight"] = emb
+    tensors["lm_head.weight"] = (emb if tmodel.lm_head is None else
+                                 np.asarray(jax.device_get(tmodel.lm_head.kernel[...])).T)
   tensors = {k: np.asarray(v).astype(np_dtype) for k, v in tensors.items()}
   cfg = config_to_json(draft, target.hf_config, target.config, dtype)
   path = os.fspath(path)

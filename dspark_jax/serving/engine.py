@@ -112,7 +112,8 @@ def serve(config, out=sys.stdout) -> dict[str, Any]:
   }
   if stats.tau is not None:
     summary["tau"] = round(stats.tau, 3)
-    summary["position_acceptance"] = [round(x, 3) for x in stats.position_acceptance]
+    summary["position_acceptance"] = [None if x is None else round(x, 3)
+                                       for x in stats.position_acceptance]
   if not config.output or len(rows) <= 8:
     for i, row in enumerate(rows):
       text = result.texts[i] if result.texts else result.tokens[i]

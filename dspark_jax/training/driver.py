@@ -194,7 +194,7 @@ class Trainer:
       batches.restore(meta["data"])
       log(f"resumed from step {start} ({self.workdir}/checkpoints)")
     step = int(state.step)
-    logger = MetricsLogger(self.workdir, echo=None)
+    logger = MetricsLogger(self.workdir, echo=None, resume_step=start)
     bar = None
     if progress:
       from tqdm.auto import tqdm
@@ -332,7 +332,8 @@ def stage_export(config, workdir, trainer: Trainer, state=None):
   draft.num_anchors = config.train.num_anchors
   draft.step_loss_decay = config.eagle3.step_loss_decay
   draft.target_name = config.target
-  save_draft(draft, paths["draft"], dtype=config.train.export_dtype)
+  save_draft(draft, paths["draft"], dtype=config.train.export_dtype,
+             include_frozen=config.train.export_frozen)
   log(f"exported draft -> {paths['draft']}")
   return paths["draft"]
 

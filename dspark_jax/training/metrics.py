@@ -108,9 +108,18 @@ class EventWriter:
 class MetricsLogger:
   """Writes each metrics dict to stdout (optional), `metrics.jsonl` and TensorBoard."""
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True, echo=None):
+  def __init__(self, workdir: str, *, tensorboard: bool = True, echo=None,
+               resume_step: int | None = None):
+    """`resume_step`: drop JSON lines logged after this step by a run that was killed
+    before its next checkpoint (they are about to be logged again)."""
     os.makedirs(workdir, exist_ok=True)
-    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    if resume_step is not None and os.path.exists(path):
+      with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+      with open(path, "w") as f:
+        f.writelines(keep)
+    self.jsonl = open(path, "a")
     self.tb = EventWriter(os.path.join(workdir, "tb")) if tensorboard else None
     self.echo = echo
 

@@ -1,0 +1,244 @@
+"""Throughput benchmark: plain decoding vs transformers, and speculative vs plain decoding.
+
+  python -m dspark_jax.bench --batch_sizes=1,8 --max_new_tokens=64 \
+      --drafts=dspark=DIR,dflash=DIR,eagle3=DIR --out=bench_results/bench.json
+
+For every batch size B it generates `max_new_tokens` greedy tokens for B prompts (the first
+turns of DeepSpec's eval sets when `--eval_dir` exists, else built-in prompts) with
+
+  * ours, plain autoregressive (`generate(draft=None)`), warm (compilation excluded);
+  * transformers `model.generate` on the same checkpoint (torch, float32, greedy), unless
+    `--skip_hf` or torch is missing;
+  * ours, speculative, with a randomly initialised DSpark draft (a lower bound: tau ~ 1) and
+    with every draft in `--drafts`.
+
+Ratios are taken within one run on one machine. Every speculative run also checks that its
+greedy tokens equal plain greedy (`greedy_equal`). `--repeats` timed runs are made and the
+median kept.
+
+Where a round's time goes is measured separately, not estimated: the draft's `propose` and
+the target's `verify` are each jitted alone in a `fori_loop` of `--split_rounds` calls on a
+prefilled batch and timed; `other` = measured round time - propose - verify (accept, commit,
+loop overhead). Results go to JSON and a markdown table beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+from dspark_jax.decoding import profile
+from dspark_jax.evaluate import parse_drafts
+
+BUILTIN_PROMPTS = (
+    "Write a short poem about the sea.",
+    "Explain what a hash table is in two sentences.",
+    "What is 17 times 23? Show your steps.",
+    "Give three tips for learning a new language.",
+    "Write a Python function that reverses a string.",
+    "Summarise the plot of Romeo and Juliet.",
+    "What causes the seasons on Earth?",
+    "List five fruits that are red.",
+)
+
+
+def bench_prompts(tokenizer, eval_dir: str | None, n: int, max_tokens: int = 256):
+  """`n` chat-formatted prompts: one per eval domain round-robin, else built-ins."""
+  texts: list[str] = []
+  files = sorted(glob.glob(os.path.join(eval_dir, "*.jsonl"))) if eval_dir else []
+  if files:
+    from dspark_jax.training import data as data_lib
+    per = [[r["turns"][0] for r in data_lib.read_rows(f)] for f in files]
+    i = 0
+    while len(texts) < n and any(i < len(p) for p in per):
+      texts += [p[i] for p in per if i < len(p)]
+      i += 1
+  else:
+    texts = [BUILTIN_PROMPTS[i % len(BUILTIN_PROMPTS)] for i in range(n)]
+  ids = []
+  for t in texts:
+    msg = [{"role": "user", "content": t}]
+    x = tokenizer.apply_chat_template(msg) if tokenizer.has_chat_template else tokenizer.encode(t)
+    if len(x) <= max_tokens:
+      ids.append(x)
+  while len(ids) < n:  # every eval prompt too long: reuse
+    ids.append(ids[len(ids) % max(1, len(ids))] if ids else tokenizer.encode(BUILTIN_PROMPTS[0]))
+  return ids[:n]
+
+
+def _timed(fn, repeats: int):
+  """Runs fn `repeats` times; returns (median seconds, last result)."""
+  times, res = [], None
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    res = fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), res
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers baseline
+# ---------------------------------------------------------------------------------------------
+def hf_generate_tokens_per_s(model_dir: str, prompts, max_new_tokens: int, repeats: int,
+                             threads: int | None = None) -> dict:
+  """Greedy `transformers` generation (torch CPU float32), forced to `max_new_tokens` tokens."""
+  import torch
+  import transformers
+  if threads:
+    torch.set_num_threads(threads)
+  model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+  model.eval()
+  b = len(prompts)
+  width = max(len(p) for p in prompts)
+  pad = model.config.pad_token_id or 0
+  ids = torch.full((b, width), pad, dtype=torch.long)
+  mask = torch.zeros((b, width), dtype=torch.long)
+  for i, p in enumerate(prompts):  # left padding, as decoder-only generation expects
+    ids[i, width - len(p):] = torch.tensor(p)
+    mask[i, width - len(p):] = 1
+
+  def run():
+    with torch.inference_mode():
+      return model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                            max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                            pad_token_id=pad)
+
+  run()  # warm-up
+  secs, out = _timed(run, repeats)
+  n = (out.shape[1] - width) * b
+  return {"tokens_per_s": n / secs, "wall_s": secs, "tokens": int(n),
+          "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__}
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+def random_like(target, draft):
+  """A randomly initialised draft with `draft`'s configuration."""
+  from dspark_jax.drafts import api
+  d = api.Draft(draft.config, api.build_module(draft.config, draft.dtype, seed=0),
+                dtype=draft.dtype)
+  d.target = target
+  return d
+
+
+def markdown(results: dict) -> str:
+  lines = []
+  for bs, r in results["batches"].items():
+    lines.append(f"\n**batch {bs}** ({results['setting']})\n")
+    lines.append("| decoder | tokens/s | vs ours AR | τ | propose ms | verify ms | other ms |"
+                 " greedy equal |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    ar = r["ar"]["tokens_per_s"]
+    lines.append(f"| ours, autoregressive | {ar:.1f} | 1.00 | – | – | "
+                 f"{r['ar']['step_ms']:.1f} (step) | – | – |")
+    if r.get("hf"):
+      lines.append(f"| transformers generate | {r['hf']['tokens_per_s']:.1f} | "
+                   f"{r['hf']['tokens_per_s'] / ar:.2f} | – | – | – | – | – |")
+    for name, s in r["spec"].items():
+      sp = s.get("split", {})
+      f = lambda k: f"{sp[k]:.1f}" if k in sp else "–"
+      lines.append(f"| ours, speculative ({name}) | {s['tokens_per_s']:.1f} | "
+                   f"{s['speedup_vs_ar']:.2f} | {s['tau']:.2f} | {f('propose_ms')} | "
+                   f"{f('verify_ms')} | {f('other_ms')} | {s['greedy_equal']} |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--target", default="smollm2-135m-instruct",
+                  help="model path, hub id or demo name ('tiny' for a smoke run)")
+  ap.add_argument("--tiny", action="store_true", help="shorthand for --target=tiny --skip_hf")
+  ap.add_argument("--drafts", default="", help="name=path,... trained drafts (load_draft paths)")
+  ap.add_argument("--no_random_draft", action="store_true",
+                  help="skip the randomly initialised DSpark draft")
+  ap.add_argument("--batch_sizes", default="1,8")
+  ap.add_argument("--max_new_tokens", type=int, default=64)
+  ap.add_argument("--eval_dir", default=os.path.join("..", "shared", "data", "eval"))
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--split_rounds", type=int, default=16)
+  ap.add_argument("--skip_hf", action="store_true", help="skip the transformers baseline")
+  ap.add_argument("--hf_threads", type=int, default=0, help="torch threads (0: torch default)")
+  ap.add_argument("--out", default=os.path.join("bench_results", "bench.json"))
+  args = ap.parse_args(argv)
+  if args.tiny:
+    args.target, args.skip_hf = "tiny", True
+
+  import dspark_jax as dj
+  from tqdm.auto import tqdm
+  target = dj.load_target(args.target)
+  trained = {name: dj.load_draft(path, target) for name, path in parse_drafts(args.drafts).items()}
+  drafts = {}
+  if not args.no_random_draft:
+    # Same architecture as the first trained DSpark draft, so the pair isolates training.
+    like = next((d for d in trained.values() if d.algorithm == "dspark"), None)
+    drafts["random-init dspark"] = random_like(target, like) if like else dj.init_draft(target)
+  drafts.update(trained)
+  sizes = [int(s) for s in args.batch_sizes.split(",") if s]
+  eval_dir = args.eval_dir if os.path.isdir(args.eval_dir) else None
+  all_prompts = bench_prompts(target.tokenizer, eval_dir, max(sizes))
+  # Rows stop only at the length limit, so every decoder produces the same token count.
+  kw = dict(max_new_tokens=args.max_new_tokens, temperature=0.0, stop_tokens=[])
+  results = {"target": args.target, "device": str(jax.devices()[0].device_kind),
+             "backend": jax.default_backend(), "jax": jax.__version__,
+             "setting": f"greedy, float32, {args.max_new_tokens} new tokens/row, "
+                        f"median of {args.repeats}",
+             "prompts": "eval sets" if eval_dir else "built-in", "args": vars(args),
+             "batches": {}}
+  bar = tqdm(total=len(sizes) * (1 + len(drafts) + (not args.skip_hf)), desc="bench",
+             unit="run")
+  for bs in sizes:
+    prompts = all_prompts[:bs]
+    gen = lambda d=None: dj.generate(target, prompts, draft=d, batch_size=bs, **kw)
+    gen()  # compile
+    secs, ar = _timed(gen, args.repeats)
+    n_tok = sum(ar.stats.num_tokens)
+    r = {"ar": {"tokens_per_s": n_tok / secs, "wall_s": secs, "tokens": n_tok,
+                "step_ms": 1e3 * secs / max(ar.stats.rounds)}, "spec": {}}
+    bar.update(1)
+    if not args.skip_hf:
+      try:
+        r["hf"] = hf_generate_tokens_per_s(target.path, prompts, args.max_new_tokens,
+                                           args.repeats, args.hf_threads or None)
+        r["hf"]["vs_ours_ar"] = r["hf"]["tokens_per_s"] / r["ar"]["tokens_per_s"]
+      except ImportError as e:
+        r["hf"] = None
+        print(f"transformers baseline skipped: {e}", file=sys.stderr)
+      bar.update(1)
+    for name, d in drafts.items():
+      gen(d)  # compile
+      secs, res = _timed(lambda: gen(d), args.repeats)
+      n_tok = sum(res.stats.num_tokens)
+      rounds = max(res.stats.rounds)
+      s = {"tokens_per_s": n_tok / secs, "wall_s": secs, "tokens": n_tok, "tau": res.stats.tau,
+           "rounds": rounds, "round_ms": 1e3 * secs / rounds, "block": d.config.block_size,
+           "speedup_vs_ar": (n_tok / secs) / r["ar"]["tokens_per_s"],
+           "greedy_equal": res.tokens == ar.tokens}
+      sp = profile.round_split(target, d, prompts, args.split_rounds)
+      sp["other_ms"] = s["round_ms"] - sp["propose_ms"] - sp["verify_ms"]
+      s["split"] = sp
+      r["spec"][name] = s
+      bar.update(1)
+    results["batches"][str(bs)] = r
+  bar.close()
+  results["table"] = markdown(results)
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(results, f, indent=2)
+  with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+    f.write(results["table"] + "\n")
+  print(results["table"])
+  print(f"wrote {args.out}", file=sys.stderr)
+  return results
+
+
+if __name__ == "__main__":
+  main()

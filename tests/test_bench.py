@@ -1,0 +1,55 @@
+"""The benchmark script runs end to end and reports what it claims (tiny target)."""
+
+import json
+
+import numpy as np
+
+import pytest
+
+from dspark_jax import bench
+
+
+def test_bench_tiny_end_to_end(tmp_path):
+  pytest.importorskip("torch")
+  out = tmp_path / "bench.json"
+  res = bench.main(["--target=tiny", "--batch_sizes=2", "--max_new_tokens=8", "--repeats=1",
+                    "--split_rounds=2", "--eval_dir=" + str(tmp_path / "none"),
+                    "--hf_threads=1", f"--out={out}"])
+  saved = json.loads(out.read_text())
+  assert saved["table"] == res["table"]
+  assert (tmp_path / "bench.md").read_text().strip() == res["table"].strip()
+  r = saved["batches"]["2"]
+  assert r["ar"]["tokens"] == 16  # stop tokens disabled: every row runs to the limit
+  assert r["hf"]["tokens"] == 16 and r["hf"]["tokens_per_s"] > 0
+  s = r["spec"]["random-init dspark"]
+  assert s["tokens"] == 16 and s["greedy_equal"] is True
+  assert 1.0 <= s["tau"] <= s["block"] + 1
+  assert s["split"]["propose_ms"] > 0 and s["split"]["verify_ms"] > 0
+  assert "| ours, speculative (random-init dspark) |" in res["table"]
+
+
+def test_bench_prompts_fall_back_to_builtins(tmp_path):
+  import dspark_jax as dj
+  tok = dj.load_target("tiny").tokenizer
+  ids = bench.bench_prompts(tok, str(tmp_path), 10)
+  assert len(ids) == 10 and all(isinstance(i, int) for p in ids for i in p)
+
+
+def test_bench_parse_drafts_rejects_bad_entries():
+  assert bench.parse_drafts("a=x,b=y") == {"a": "x", "b": "y"}
+  with pytest.raises(SystemExit, match="name=path"):
+    bench.parse_drafts("dspark")
+
+
+def test_generate_time_split_fills_stats():
+  import dspark_jax as dj
+  target = dj.load_target("tiny")
+  draft = dj.init_draft(target, "dspark", num_layers=1, block_size=3, markov_rank=8)
+  res = dj.generate(target, ["ab", "abc de"], draft=draft, max_new_tokens=6, time_split=True)
+  st = res.stats
+  split = st.extra["round_split_ms"]
+  assert split["propose_ms"] > 0 and split["verify_ms"] > 0
+  iters = max(st.rounds)  # one batch: loop iterations = rounds of its longest row
+  np.testing.assert_allclose(st.draft_time_s, split["propose_ms"] * iters / 1e3)
+  np.testing.assert_allclose(st.verify_time_s, split["verify_ms"] * iters / 1e3)
+  assert dj.generate(target, ["ab"], max_new_tokens=2).stats.draft_time_s is None
