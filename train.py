@@ -4,6 +4,7 @@
   python train.py --config=configs/tiny.py --workdir=/tmp/tiny            # ~1 min on CPU
   python train.py --config=configs/qwen3_4b.py --config.algorithm=eagle3 --config.draft.num_layers=1 \
       --config.data.prompts=prompts.jsonl --workdir=runs/q4 --mode=generate_data
+  python train.py --config=configs/qwen3_8b.py --workdir=runs/q8 --distributed  # same on every host
 
 With no --mode the whole pipeline runs (regenerate -> tokenize -> train -> export), skipping
 stages whose outputs already exist in --workdir and resuming training from its checkpoints.
@@ -18,6 +19,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file"
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for data, checkpoints, metrics, draft")
 _MODE = flags.DEFINE_enum("mode", "all", ["all", "generate_data", "tokenize", "cache_features",
                                           "train", "export"], "pipeline stage to run")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "multi-host: call jax.distributed.initialize() first (the cluster "
+    "is auto-detected: Cloud TPU, SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS / "
+    "JAX_NUM_PROCESSES / JAX_PROCESS_ID); every host runs the same command")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -28,6 +33,9 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   for name in ("absl", "orbax", "jax._src.xla_bridge"):
     std_logging.getLogger(name).setLevel(std_logging.WARNING)
+  if _DISTRIBUTED.value:
+    import jax
+    jax.distributed.initialize()  # before any other JAX call, so the mesh spans all hosts
   from dspark_jax.training import driver  # after flag parsing: keeps --help fast
   driver.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
 

@@ -65,8 +65,9 @@ def plot(results: dict, path: str) -> None:
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6, 4))
   for name, r in results["drafts"].items():
-    acc = r["position_acceptance"]
-    ax.plot(range(1, len(acc) + 1), acc, marker="o", label=f"{name} (τ={r['mean_tau']:.2f})")
+    ks = [k + 1 for k, a in enumerate(r["position_acceptance"]) if a is not None]
+    acc = [a for a in r["position_acceptance"] if a is not None]
+    ax.plot(ks, acc, marker="o", label=f"{name} (τ={r['mean_tau']:.2f})")
   ax.set_xlabel("draft position k")
   ax.set_ylabel("P(accept k | accepted k-1)")
   ax.set_ylim(0, 1)
@@ -144,7 +145,9 @@ def main(argv=None) -> dict:
     results["drafts"][name] = {
         "path": draft.path, "config": repr(draft), "per_domain": per,
         "mean_tau": float(np.mean(all_rounds)),
-        "position_acceptance": (hits / np.maximum(tries, 1)).tolist(),
+        # None where no round ever reached position k (not a measured 0).
+        "position_acceptance": [float(h / t) if t else None for h, t in zip(hits, tries)],
+        "position_tries": [int(t) for t in tries],
         "greedy_equal_all": all(p["greedy_equal"] for p in per.values())
         if args.temperature == 0 else None}
   bar.close()

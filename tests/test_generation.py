@@ -18,9 +18,16 @@ def target(request):
 
 
 def argmax_loop(target, prompt, n):
+  """Greedy by re-running the cache-free full forward on the whole sequence each step.
+
+  The sequence is right-padded to one fixed length so the forward compiles once: the models
+  are causal, so the logits at position t ignore everything after t (padding included).
+  """
   seq = list(prompt)
+  width = len(prompt) + n
   for _ in range(n):
-    seq.append(int(np.asarray(target.logits([seq]))[0, -1].argmax()))
+    padded = seq + [0] * (width - len(seq))
+    seq.append(int(np.asarray(target.logits([padded]))[0, len(seq) - 1].argmax()))
   return seq[len(prompt):]
 
 
