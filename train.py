@@ -6,6 +6,10 @@
       --config.data.prompts=prompts.jsonl --workdir=runs/q4 --mode=generate_data
   python train.py --config=configs/qwen3_8b.py --workdir=runs/q8 --distributed  # same on every host
 
+Multi-host: prepare data once (`--mode=generate_data`, then `--mode=tokenize`) into a workdir
+every host sees, then run the same `--distributed` command on every host; host 0 writes the
+metrics and the exported draft.
+
 With no --mode the whole pipeline runs (regenerate -> tokenize -> train -> export), skipping
 stages whose outputs already exist in --workdir and resuming training from its checkpoints.
 """
@@ -34,8 +38,15 @@ def main(argv):
   for name in ("absl", "orbax", "jax._src.xla_bridge"):
     std_logging.getLogger(name).setLevel(std_logging.WARNING)
   if _DISTRIBUTED.value:
+    import os
     import jax
-    jax.distributed.initialize()  # before any other JAX call, so the mesh spans all hosts
+    env = os.environ
+    kw = {}
+    if "JAX_NUM_PROCESSES" in env:  # explicit cluster; otherwise JAX auto-detects it
+      kw = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                num_processes=int(env["JAX_NUM_PROCESSES"]),
+                process_id=int(env["JAX_PROCESS_ID"]))
+    jax.distributed.initialize(**kw)  # before any other JAX call: the mesh spans all hosts
   from dspark_jax.training import driver  # after flag parsing: keeps --help fast
   driver.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
 

@@ -197,6 +197,40 @@ def test_sharded_step_matches_single_device(algorithm, prepared, tmp_path):
   assert diff < 1e-5, diff
 
 
+def test_two_host_run_matches_one_host(prepared, tmp_path):
+  """`train.py --distributed` on 2 processes (2 CPU devices each, mesh data=2 x tensor=2 over
+  both) trains and exports the same draft as one process, with one metrics writer."""
+  import socket
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    port = sock.getsockname()[1]
+  over = ["--config.train.max_steps=2"]
+  wd_one = workdir_with_data(prepared, tmp_path / "one")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  one = subprocess.run([sys.executable, str(REPO / "train.py"), f"--config={TINY}",
+                        f"--workdir={wd_one}"] + over, cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert one.returncode == 0, one.stderr[-3000:]
+  wd_two = workdir_with_data(prepared, tmp_path / "two")
+  procs = []
+  for pid in range(2):
+    penv = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), f"--config={TINY}", f"--workdir={wd_two}",
+         "--distributed", "--config.mesh.data=2", "--config.mesh.tensor=2"] + over,
+        cwd=REPO, env=penv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  a, b = _draft_tensors(wd_one), _draft_tensors(wd_two)
+  assert a.keys() == b.keys() and a
+  for name in a:
+    np.testing.assert_allclose(b[name], a[name], atol=1e-5, rtol=0, err_msg=name)
+  assert len(read_metrics(wd_two)) == len(read_metrics(wd_one)) == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Anchors, masks, padding.
 # ---------------------------------------------------------------------------------------------

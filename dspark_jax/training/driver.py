@@ -162,7 +162,11 @@ class Trainer:
     return state
 
   def draft_from_state(self, state):
-    module = nnx.merge(self.dgraph, jax.device_get(state.params), jax.device_get(self.rest))
+    params, rest = state.params, self.rest
+    if jax.process_count() > 1:  # multi-host: every host gathers the full arrays
+      from jax.experimental import multihost_utils
+      params, rest = multihost_utils.process_allgather((params, rest), tiled=True)
+    module = nnx.merge(self.dgraph, jax.device_get(params), jax.device_get(rest))
     return draft_api.Draft(self.dcfg, module, dtype=jnp.float32)
 
   # ---- the loop ------------------------------------------------------------------------------
@@ -194,7 +198,8 @@ class Trainer:
       batches.restore(meta["data"])
       log(f"resumed from step {start} ({self.workdir}/checkpoints)")
     step = int(state.step)
-    logger = MetricsLogger(self.workdir, echo=None, resume_step=start)
+    logger = MetricsLogger(self.workdir, echo=None, resume_step=start,
+                           enabled=jax.process_index() == 0)
     bar = None
     if progress:
       from tqdm.auto import tqdm
@@ -332,9 +337,10 @@ def stage_export(config, workdir, trainer: Trainer, state=None):
   draft.num_anchors = config.train.num_anchors
   draft.step_loss_decay = config.eagle3.step_loss_decay
   draft.target_name = config.target
-  save_draft(draft, paths["draft"], dtype=config.train.export_dtype,
-             include_frozen=config.train.export_frozen)
-  log(f"exported draft -> {paths['draft']}")
+  if jax.process_index() == 0:  # one writer in a multi-host run (all hosts gathered)
+    save_draft(draft, paths["draft"], dtype=config.train.export_dtype,
+               include_frozen=config.train.export_frozen)
+    log(f"exported draft -> {paths['draft']}")
   return paths["draft"]
 
 

@@ -109,9 +109,13 @@ class MetricsLogger:
   """Writes each metrics dict to stdout (optional), `metrics.jsonl` and TensorBoard."""
 
   def __init__(self, workdir: str, *, tensorboard: bool = True, echo=None,
-               resume_step: int | None = None):
+               resume_step: int | None = None, enabled: bool = True):
     """`resume_step`: drop JSON lines logged after this step by a run that was killed
-    before its next checkpoint (they are about to be logged again)."""
+    before its next checkpoint (they are about to be logged again). `enabled=False` (every
+    host but the first in a multi-host run) makes every method a no-op."""
+    self.enabled = enabled
+    if not enabled:
+      return
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "metrics.jsonl")
     if resume_step is not None and os.path.exists(path):
@@ -124,6 +128,8 @@ class MetricsLogger:
     self.echo = echo
 
   def write(self, step: int, metrics: dict[str, float]):
+    if not self.enabled:
+      return
     clean = {k: float(v) for k, v in metrics.items()}
     self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
     self.jsonl.flush()
@@ -134,6 +140,8 @@ class MetricsLogger:
       self.echo(f"step {step}: {shown}")
 
   def close(self):
+    if not self.enabled:
+      return
     self.jsonl.close()
     if self.tb is not None:
       self.tb.close()
