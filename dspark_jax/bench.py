@@ -19,7 +19,8 @@ median kept.
 Where a round's time goes is measured separately, not estimated: the draft's `propose` and
 the target's `verify` are each jitted alone in a `fori_loop` of `--split_rounds` calls on a
 prefilled batch and timed; `other` = measured round time - propose - verify (accept, commit,
-loop overhead). Results go to JSON and a markdown table beside it.
+loop overhead). Round and AR step times are wall time / rounds, so they include the
+prefill's share. Results go to JSON and a markdown table beside it.
 """
 
 from __future__ import annotations
@@ -28,9 +29,7 @@ import argparse
 import glob
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import numpy as np
@@ -69,19 +68,8 @@ def bench_prompts(tokenizer, eval_dir: str | None, n: int, max_tokens: int = 256
     x = tokenizer.apply_chat_template(msg) if tokenizer.has_chat_template else tokenizer.encode(t)
     if len(x) <= max_tokens:
       ids.append(x)
-  while len(ids) < n:  # every eval prompt too long: reuse
-    ids.append(ids[len(ids) % max(1, len(ids))] if ids else tokenizer.encode(BUILTIN_PROMPTS[0]))
-  return ids[:n]
-
-
-def _timed(fn, repeats: int):
-  """Runs fn `repeats` times; returns (median seconds, last result)."""
-  times, res = [], None
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    res = fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), res
+  base = ids or [tokenizer.encode(BUILTIN_PROMPTS[0])]  # every prompt too long: a built-in
+  return [base[i % len(base)] for i in range(n)]  # too few: cycle
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +100,7 @@ def hf_generate_tokens_per_s(model_dir: str, prompts, max_new_tokens: int, repea
                             pad_token_id=pad)
 
   run()  # warm-up
-  secs, out = _timed(run, repeats)
+  secs, out = profile.median_time(run, repeats)
   n = (out.shape[1] - width) * b
   return {"tokens_per_s": n / secs, "wall_s": secs, "tokens": int(n),
           "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__}
@@ -199,7 +187,7 @@ def main(argv=None) -> dict:
     prompts = all_prompts[:bs]
     gen = lambda d=None: dj.generate(target, prompts, draft=d, batch_size=bs, **kw)
     gen()  # compile
-    secs, ar = _timed(gen, args.repeats)
+    secs, ar = profile.median_time(gen, args.repeats)
     n_tok = sum(ar.stats.num_tokens)
     r = {"ar": {"tokens_per_s": n_tok / secs, "wall_s": secs, "tokens": n_tok,
                 "step_ms": 1e3 * secs / max(ar.stats.rounds)}, "spec": {}}
@@ -215,7 +203,7 @@ def main(argv=None) -> dict:
       bar.update(1)
     for name, d in drafts.items():
       gen(d)  # compile
-      secs, res = _timed(lambda: gen(d), args.repeats)
+      secs, res = profile.median_time(lambda: gen(d), args.repeats)
       n_tok = sum(res.stats.num_tokens)
       rounds = max(res.stats.rounds)
       s = {"tokens_per_s": n_tok / secs, "wall_s": secs, "tokens": n_tok, "tau": res.stats.tau,

@@ -128,14 +128,9 @@ def main(argv=None) -> dict:
     for dom, ps in prompts.items():
       res = dj.generate(target, ps, draft=draft, **kw)
       st = res.stats
-      lens = [a for row in st.accept_lengths for a in row]
-      all_rounds += lens
-      # Pool positions over domains from the rounds themselves: a round committing a tokens
-      # accepted positions 0..a-2 and tried positions 0..min(a, P)-1.
-      p = draft.config.block_size
-      for a in lens:
-        hits[:a - 1] += 1
-        tries[:min(a, p)] += 1
+      all_rounds += [a for row in st.accept_lengths for a in row]
+      hits += st.position_hits
+      tries += st.position_tries
       per[dom] = {"tau": st.tau, "position_acceptance": st.position_acceptance,
                   "tokens_per_s": st.tokens_per_second,
                   "speedup_vs_ar": st.tokens_per_second / results["ar"][dom]["tokens_per_s"],

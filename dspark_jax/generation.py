@@ -46,6 +46,7 @@ class GenerationStats:
     position_acceptance: conditional acceptance per draft position k (P entries):
       P(accept k | accepted k-1 and k was verified); None where k was never reached
       (None, not NaN, so stats serialise as strict JSON).
+    position_hits / position_tries: the counts behind it (to pool over runs).
     accept_histogram: count of rounds per committed length 1..P+1.
     draft_time_s / verify_time_s: with `generate(..., time_split=True)`, the time the
       run's rounds spent in the draft's propose and the target's verify: rounds run times
@@ -61,6 +62,8 @@ class GenerationStats:
   tau: float | None = None
   position_acceptance: list[float] | None = None
   accept_histogram: list[int] | None = None
+  position_hits: list[int] | None = None
+  position_tries: list[int] | None = None
   verify_lengths: list[list[int]] | None = None
   draft_time_s: float | None = None
   verify_time_s: float | None = None
@@ -284,6 +287,8 @@ def generate(target, prompts: Sequence, *, draft=None, max_new_tokens: int | Seq
     stats.tau = float(np.mean(flat)) if flat else None
     stats.position_acceptance = [float(h / t) if t else None
                                  for h, t in zip(pos_hits, pos_tries)]
+    stats.position_hits = [int(h) for h in pos_hits]
+    stats.position_tries = [int(t) for t in pos_tries]
     hist = np.bincount(np.asarray(flat, np.int64), minlength=spec.block + 2)[1:]
     stats.accept_histogram = [int(x) for x in hist]
     if time_split:

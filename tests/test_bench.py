@@ -53,3 +53,7 @@ def test_generate_time_split_fills_stats():
   np.testing.assert_allclose(st.draft_time_s, split["propose_ms"] * iters / 1e3)
   np.testing.assert_allclose(st.verify_time_s, split["verify_ms"] * iters / 1e3)
   assert dj.generate(target, ["ab"], max_new_tokens=2).stats.draft_time_s is None
+  # Position counts: every round tries position 0; acceptance = hits / tries.
+  assert st.position_tries[0] == sum(len(r) for r in st.accept_lengths)
+  for a, h, t in zip(st.position_acceptance, st.position_hits, st.position_tries):
+    assert (a is None and t == 0) or a == h / t

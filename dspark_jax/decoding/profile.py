@@ -23,13 +23,14 @@ from dspark_jax.decoding import sampling
 from dspark_jax.decoding import speculative
 
 
-def _median_time(fn, repeats: int) -> float:
-  times = []
+def median_time(fn, repeats: int):
+  """Runs `fn` `repeats` times; returns (median seconds, the last result)."""
+  times, res = [], None
   for _ in range(repeats):
     t0 = time.perf_counter()
-    fn()
+    res = fn()
     times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return statistics.median(times), res
 
 
 @functools.partial(jax.jit, static_argnames=("tgraph", "dgraph", "runtime"))
@@ -123,8 +124,8 @@ def round_split(target, draft, prompts, rounds: int = 16, repeats: int = 3,
     return jax.block_until_ready(acc)
 
   propose(), verify()  # compile
-  t_prop = _median_time(propose, repeats)
-  t_ver = _median_time(verify, repeats)
+  t_prop, _ = median_time(propose, repeats)
+  t_ver, _ = median_time(verify, repeats)
   generation._return_cache(target, state["cache"], pool_key="profile")
   return {"propose_ms": 1e3 * t_prop / rounds, "verify_ms": 1e3 * t_ver / rounds,
           "rounds_timed": rounds}
