@@ -30,7 +30,9 @@ def base_config():
   c.data.prompts = ""  # JSONL of prompts ({"turns"}, {"conversations"}, {"question"}, {"prompt"})
   c.data.num_prompts = 0  # 0 = all
   c.data.code_prompts = 0  # extra prompts built from the Python stdlib's sources
+  c.data.chat_prompts = 0  # extra chat prompts (some multi-turn) about the stdlib's docs
   c.data.synthetic_prompts = 0  # short built-in prompts (tiny smoke runs)
+  c.data.synthetic_fallback = 0  # short built-in prompts used only if no other source gives any
   c.data.system_prompt = ""  # "" = none
   c.data.assistant_prefix = ""  # text prefixed to every reply and excluded from the loss
   c.data.max_length = 4096  # tokens per training sequence (right-truncated)

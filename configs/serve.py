@@ -20,6 +20,9 @@ def get_config():
   c.seed = 0
   c.batch_size = 8  # rows per device batch (padded to a power of two)
   c.num_draft_tokens = 0  # draft tokens verified per round; 0 = the draft's trained block
+  # Verify-length policy: auto (early_stop with the cached SPS profile and the draft's
+  # sts.json when it has a confidence head, else fixed) | fixed | early_stop | global | async
+  c.scheduler = "auto"
   c.warmup = True  # compile on a first batch so tokens/s is steady-state
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
   return c

@@ -14,7 +14,7 @@ def get_config():
   c.draft.num_layers = 1
   c.draft.block_size = 4
   c.draft.markov_rank = 16
-  c.data.synthetic_prompts = 256  # short built-in prompts when no prompts file is given
+  c.data.synthetic_fallback = 256  # built-in prompts unless another source (data.prompts) is set
   c.data.max_length = 128
   c.data.seq_len = 128
   c.data.min_loss_tokens = 4

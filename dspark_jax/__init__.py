@@ -7,6 +7,11 @@ Public API (stable names):
            top_p=1.0, seed=0, stop_tokens=None, ...) -> GenerationResult
   load_draft(path, target) / save_draft(draft, path)
   propose_block(target, draft, prefix_token_ids, *, temperature=0.0, seed=0)
+  Scheduler(policy=..., sps=None, temperatures=None, threshold=None)   verify-length policy
+  schedule_verify(confidence[R, P], sps[N+1], *, policy=...) -> lengths [R]
+  fit_sts(logits[N, P], prefix_accepted[N, P]) -> temperatures [P]; calibration_report(...)
+  restrict_vocab(draft, token_ids) -> a draft proposing over a reduced vocabulary
+  Engine(target): device buffers + the jitted loops (init / rounds / insert for servers)
 """
 
 # ---- configs ---------------------------------------------------------------------------------
@@ -22,6 +27,12 @@ from dspark_jax.checkpoints.hf import CheckpointMismatchError
 from dspark_jax.drafts.api import Draft, init_draft, propose_block
 from dspark_jax.drafts.checkpoint import load_draft, save_draft
 from dspark_jax.drafts.config import DraftConfig, DraftConfigError
+
+# ---- scheduling, calibration, engine ----------------------------------------------------------
+from dspark_jax.scheduling import (Scheduler, calibration_report, fit_sts, propose_pays,
+                                   schedule_verify)
+from dspark_jax.drafts.vocab import frequent_tokens, restrict_vocab
+from dspark_jax.engine import Engine
 
 # ---- sharding ---------------------------------------------------------------------------------
 from dspark_jax.sharding import make_mesh

@@ -1,7 +1,7 @@
 """Throughput benchmark: plain decoding vs transformers, and speculative vs plain decoding.
 
   python -m dspark_jax.bench --batch_sizes=1,8 --max_new_tokens=64 \
-      --drafts=dspark=DIR,dflash=DIR,eagle3=DIR --out=bench_results/bench.json
+      --drafts=dspark=DIR,dflash=DIR,eagle3=DIR --out=bench_results/bench.json --overwrite
 
 For every batch size B it generates `max_new_tokens` greedy tokens for B prompts (the first
 turns of DeepSpec's eval sets when `--eval_dir` exists, else built-in prompts) with
@@ -20,22 +20,48 @@ Where a round's time goes is measured separately, not estimated: the draft's `pr
 the target's `verify` are each jitted alone in a `fori_loop` of `--split_rounds` calls on a
 prefilled batch and timed; `other` = measured round time - propose - verify (accept, commit,
 loop overhead). Round and AR step times are wall time / rounds, so they include the
-prefill's share. Results go to JSON and a markdown table beside it.
+prefill's share. Results go to JSON and a markdown table beside it (`--out`, by default under
+the untracked `runs/`); an existing file is replaced only with `--overwrite`. Relative
+`--eval_dir` / `--out` paths are taken from the repository root, not the current directory.
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
 import sys
 
 import jax
-import numpy as np
+from absl import flags
 
-from dspark_jax.decoding import profile
+from dspark_jax import cli
+from dspark_jax.engine import profile
 from dspark_jax.evaluate import parse_drafts
+
+FLAGS = flags.FlagValues()  # this tool's own (see dspark_jax.cli)
+flags.DEFINE_string("target", "smollm2-135m-instruct",
+                    "model path, hub id or demo name ('tiny' for a smoke run)", flag_values=FLAGS)
+flags.DEFINE_bool("tiny", False, "shorthand for --target=tiny --skip_hf", flag_values=FLAGS)
+flags.DEFINE_string("drafts", "", "name=path,... trained drafts (load_draft paths; 'demo' = "
+                    "the committed demo draft)", flag_values=FLAGS)
+flags.DEFINE_bool("no_random_draft", False, "skip the randomly initialised DSpark draft",
+                  flag_values=FLAGS)
+flags.DEFINE_list("batch_sizes", ["1", "8"], "batch sizes to measure", flag_values=FLAGS)
+flags.DEFINE_integer("max_new_tokens", 64, "tokens generated per row", flag_values=FLAGS)
+flags.DEFINE_string("eval_dir", os.path.join("..", "shared", "data", "eval"),
+                    "DeepSpec eval sets (*.jsonl) whose first turns are the prompts, relative to "
+                    "the repository root; built-in prompts when absent", flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 3, "timed runs per measurement (the median is kept)",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("split_rounds", 16, "rounds of the separately timed propose / verify loops",
+                     flag_values=FLAGS)
+flags.DEFINE_bool("skip_hf", False, "skip the transformers baseline", flag_values=FLAGS)
+flags.DEFINE_integer("hf_threads", 0, "torch threads (0: torch default)", flag_values=FLAGS)
+flags.DEFINE_string("out", os.path.join("runs", "bench", "bench.json"),
+                    "results JSON (a .md table is written beside it), relative to the repository "
+                    "root", flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "replace existing output files", flag_values=FLAGS)
 
 BUILTIN_PROMPTS = (
     "Write a short poem about the sea.",
@@ -141,25 +167,17 @@ def markdown(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--target", default="smollm2-135m-instruct",
-                  help="model path, hub id or demo name ('tiny' for a smoke run)")
-  ap.add_argument("--tiny", action="store_true", help="shorthand for --target=tiny --skip_hf")
-  ap.add_argument("--drafts", default="", help="name=path,... trained drafts (load_draft paths)")
-  ap.add_argument("--no_random_draft", action="store_true",
-                  help="skip the randomly initialised DSpark draft")
-  ap.add_argument("--batch_sizes", default="1,8")
-  ap.add_argument("--max_new_tokens", type=int, default=64)
-  ap.add_argument("--eval_dir", default=os.path.join("..", "shared", "data", "eval"))
-  ap.add_argument("--repeats", type=int, default=3)
-  ap.add_argument("--split_rounds", type=int, default=16)
-  ap.add_argument("--skip_hf", action="store_true", help="skip the transformers baseline")
-  ap.add_argument("--hf_threads", type=int, default=0, help="torch threads (0: torch default)")
-  ap.add_argument("--out", default=os.path.join("bench_results", "bench.json"))
-  args = ap.parse_args(argv)
+  """Runs the benchmark; `argv`: flags without the program name (None = `sys.argv[1:]`)."""
+  args = cli.parse(FLAGS, argv, __doc__)
   if args.tiny:
     args.target, args.skip_hf = "tiny", True
-
+  args.eval_dir, args.out = cli.repo_path(args.eval_dir), cli.repo_path(args.out)
+  md_path = os.path.splitext(args.out)[0] + ".md"
+  cli.check_outputs([args.out, md_path], args.overwrite)
+  eval_dir = args.eval_dir if os.path.isdir(args.eval_dir) else None
+  if eval_dir is None:
+    print(f"no eval sets at {args.eval_dir} (--eval_dir, relative to the repository root): "
+          "using built-in prompts", file=sys.stderr)
   import dspark_jax as dj
   from tqdm.auto import tqdm
   target = dj.load_target(args.target)
@@ -170,8 +188,7 @@ def main(argv=None) -> dict:
     like = next((d for d in trained.values() if d.algorithm == "dspark"), None)
     drafts["random-init dspark"] = random_like(target, like) if like else dj.init_draft(target)
   drafts.update(trained)
-  sizes = [int(s) for s in args.batch_sizes.split(",") if s]
-  eval_dir = args.eval_dir if os.path.isdir(args.eval_dir) else None
+  sizes = [int(s) for s in args.batch_sizes if s]
   all_prompts = bench_prompts(target.tokenizer, eval_dir, max(sizes))
   # Rows stop only at the length limit, so every decoder produces the same token count.
   kw = dict(max_new_tokens=args.max_new_tokens, temperature=0.0, stop_tokens=[])
@@ -185,7 +202,9 @@ def main(argv=None) -> dict:
              unit="run")
   for bs in sizes:
     prompts = all_prompts[:bs]
-    gen = lambda d=None: dj.generate(target, prompts, draft=d, batch_size=bs, **kw)
+    # Speculative rows verify all P drafts every round (scheduling: dspark_jax.schedule_bench).
+    gen = lambda d=None: dj.generate(target, prompts, draft=d, batch_size=bs,
+                                     scheduler="fixed" if d is not None else None, **kw)
     gen()  # compile
     secs, ar = profile.median_time(gen, args.repeats)
     n_tok = sum(ar.stats.num_tokens)
@@ -221,7 +240,7 @@ def main(argv=None) -> dict:
   os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(results, f, indent=2)
-  with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+  with open(md_path, "w") as f:
     f.write(results["table"] + "\n")
   print(results["table"])
   print(f"wrote {args.out}", file=sys.stderr)

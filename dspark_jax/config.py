@@ -150,6 +150,9 @@ class ModelConfig:
   layer_kv_heads: tuple[int, ...] = ()
   rms_norm_eps: float = 1e-6
   norm_offset: float = 0.0  # Gemma 3 stores RMSNorm weights as w with scale (1 + w)
+  # RMSNorm applies its weight after casting back to the input dtype (Llama/Qwen order) or in
+  # float32 (Gemma order); identical in float32. None: from the family at construction.
+  norm_cast_first: bool | None = None
   qk_norm: bool = False
   v_norm: bool = False  # Gemma 4: weightless RMSNorm on values
   sandwich_norm: bool = False  # Gemma: post-attention and pre/post-feedforward norms
@@ -181,6 +184,8 @@ class ModelConfig:
         raise UnsupportedModelError(f"layer type {t!r} is not supported")
     if SLIDING in self.layer_types and not self.sliding_window:
       raise ValueError("sliding_attention layers need a sliding_window")
+    if self.norm_cast_first is None:
+      object.__setattr__(self, "norm_cast_first", self.family in ("llama", "qwen3"))
     if not self.layer_head_dims:
       object.__setattr__(self, "layer_head_dims", (self.head_dim,) * self.num_layers)
     if not self.layer_kv_heads:
@@ -191,6 +196,11 @@ class ModelConfig:
     self.kv_sources  # validates KV sharing
 
   # ---- derived per-layer properties -------------------------------------------------------
+  def norm_kwargs(self, dtype) -> dict:
+    """Keyword arguments of this model's (weighted) RMSNorms."""
+    return dict(eps=self.rms_norm_eps, offset=self.norm_offset, dtype=dtype,
+                cast_first=self.norm_cast_first)
+
   def rope_for(self, layer: int) -> RopeConfig:
     if self.layer_types[layer] == SLIDING and self.rope_sliding is not None:
       return self.rope_sliding

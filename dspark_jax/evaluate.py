@@ -1,7 +1,7 @@
 """Acceptance of drafts per domain on DeepSpec's evaluation sets.
 
   python -m dspark_jax.evaluate --drafts=dspark=DIR,dflash=DIR,eagle3=DIR \
-      --eval_dir=../shared/data/eval --num_prompts=8 --out=bench_results/eval.json
+      --eval_dir=../shared/data/eval --num_prompts=8 --out=bench_results/eval.json --overwrite
 
 For every `<domain>.jsonl` in `--eval_dir` it takes the first `--num_prompts` first-turn
 prompts that fit `--max_prompt_tokens`, renders them with the target's chat template, and
@@ -9,19 +9,42 @@ generates with each draft (one batch per domain and draft, greedy unless `--temp
 Reported per (draft, domain): tau (DeepSpec's acceptance length: tokens per round), the
 per-position conditional acceptance and the tokens/s; plus whether greedy speculative output
 equalled plain greedy output. Writes JSON, a markdown table and a plot of per-position
-acceptance.
+acceptance (`--out`, by default under the untracked `runs/`); an existing file is replaced only
+with `--overwrite`. Relative `--eval_dir` / `--out` paths are taken from the repository root,
+not the current directory. The default `--drafts=dspark=demo` is the committed demo draft of
+the default (embedded demo) target.
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
 import sys
-import time
 
 import numpy as np
+from absl import flags
+
+from dspark_jax import cli
+
+FLAGS = flags.FlagValues()  # this tool's own (see dspark_jax.cli)
+flags.DEFINE_string("target", "smollm2-135m-instruct", "model path, hub id or demo name",
+                    flag_values=FLAGS)
+flags.DEFINE_string("drafts", "dspark=demo", "name=path,... (load_draft paths; 'demo' = the "
+                    "committed demo draft of the demo target)", flag_values=FLAGS)
+flags.DEFINE_string("eval_dir", os.path.join("..", "shared", "data", "eval"),
+                    "directory of DeepSpec eval sets (<domain>.jsonl), relative to the "
+                    "repository root", flag_values=FLAGS)
+flags.DEFINE_integer("num_prompts", 8, "first-turn prompts per domain", flag_values=FLAGS)
+flags.DEFINE_integer("max_prompt_tokens", 512, "skip prompts longer than this (chat-formatted)",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("max_new_tokens", 96, "tokens generated per prompt", flag_values=FLAGS)
+flags.DEFINE_float("temperature", 0.0, "sampling temperature (0 = greedy)", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=FLAGS)
+flags.DEFINE_string("out", os.path.join("runs", "eval", "eval.json"),
+                    "results JSON (plus <out>_acceptance.png), relative to the repository root",
+                    flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "replace existing output files", flag_values=FLAGS)
 
 
 def load_domain_prompts(path: str, tokenizer, n: int, max_tokens: int) -> list[list[int]]:
@@ -81,21 +104,16 @@ def plot(results: dict, path: str) -> None:
 
 
 def main(argv=None) -> dict:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--target", default="smollm2-135m-instruct")
-  ap.add_argument("--drafts", default="dspark=demo", help="name=path,... (load_draft paths)")
-  ap.add_argument("--eval_dir", default=os.path.join("..", "shared", "data", "eval"))
-  ap.add_argument("--num_prompts", type=int, default=8)
-  ap.add_argument("--max_prompt_tokens", type=int, default=512)
-  ap.add_argument("--max_new_tokens", type=int, default=96)
-  ap.add_argument("--temperature", type=float, default=0.0)
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--out", default=os.path.join("bench_results", "eval.json"))
-  args = ap.parse_args(argv)
-
+  """Runs the evaluation; `argv`: flags without the program name (None = `sys.argv[1:]`)."""
+  args = cli.parse(FLAGS, argv, __doc__)
+  args.eval_dir, args.out = cli.repo_path(args.eval_dir), cli.repo_path(args.out)
   files = sorted(glob.glob(os.path.join(args.eval_dir, "*.jsonl")))
   if not files:
-    raise SystemExit(f"no *.jsonl eval sets under {args.eval_dir!r} (pass --eval_dir)")
+    absent = "" if os.path.isdir(args.eval_dir) else ": no such directory"
+    raise SystemExit(f"no *.jsonl eval sets under {args.eval_dir!r}{absent} (--eval_dir; a "
+                     f"relative path starts at the repository root {cli.REPO_ROOT})")
+  png = os.path.splitext(args.out)[0] + "_acceptance.png"
+  cli.check_outputs([args.out, png], args.overwrite)
   import dspark_jax as dj
   from tqdm.auto import tqdm
   target = dj.load_target(args.target)
@@ -112,7 +130,7 @@ def main(argv=None) -> dict:
   first = next(iter(prompts.values()))
   dj.generate(target, first, **kw)
   for d in drafts.values():
-    dj.generate(target, first, draft=d, **kw)
+    dj.generate(target, first, draft=d, scheduler="fixed", **kw)
   bar = tqdm(total=len(prompts) * (1 + len(drafts)), desc="evaluate", unit="run")
   ar_tokens = {}
   for dom, ps in prompts.items():
@@ -126,7 +144,8 @@ def main(argv=None) -> dict:
     tries = np.zeros(draft.config.block_size)
     all_rounds = []
     for dom, ps in prompts.items():
-      res = dj.generate(target, ps, draft=draft, **kw)
+      # Table 1 protocol: the confidence scheduler is off, every round verifies all P drafts.
+      res = dj.generate(target, ps, draft=draft, scheduler="fixed", **kw)
       st = res.stats
       all_rounds += [a for row in st.accept_lengths for a in row]
       hits += st.position_hits
@@ -150,7 +169,6 @@ def main(argv=None) -> dict:
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(results, f, indent=2)
-  png = os.path.splitext(args.out)[0] + "_acceptance.png"
   plot(results, png)
   print(results["table"])
   print(f"wrote {args.out} and {png}", file=sys.stderr)

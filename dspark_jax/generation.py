@@ -8,7 +8,6 @@ are powers of two so a serving run compiles a handful of programs, each once.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any, Sequence
 
@@ -16,18 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dspark_jax import sharding as sharding_lib
-from dspark_jax.decoding import loop, sampling
-from dspark_jax.decoding.cache import KVCache
+from dspark_jax.decoding import sampling
+from dspark_jax.decoding import speculative
+from dspark_jax.decoding.state import Batch
+from dspark_jax.engine import Engine, bucket
+from dspark_jax.engine import profile
 
 
 class PromptTooLongError(ValueError):
   """A prompt plus its generation budget does not fit the cache limit."""
-
-
-def bucket(n: int, minimum: int = 16) -> int:
-  """Smallest power of two >= max(n, minimum)."""
-  return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
 @dataclasses.dataclass
@@ -48,9 +44,16 @@ class GenerationStats:
       (None, not NaN, so stats serialise as strict JSON).
     position_hits / position_tries: the counts behind it (to pool over runs).
     accept_histogram: count of rounds per committed length 1..P+1.
+    verify_lengths: per row, drafts verified per round (the verify call checked 1 + l).
+    proposed: per row, whether each round proposed (False: the scheduler ran a plain
+      decode step because the draft was not expected to pay).
+    confidence_logits: per row, per round, the raw confidence logits `[P]` of the block
+      (zeros without a confidence head): with `accept_lengths` these are STS rollouts.
+    scheduler: the verify-length policy used.
+    verify_tokens_per_round: mean target tokens verified per request and round (1 + l).
     draft_time_s / verify_time_s: with `generate(..., time_split=True)`, the time the
       run's rounds spent in the draft's propose and the target's verify: rounds run times
-      the per-call times measured alone on the first batch's shapes (`decoding.profile`).
+      the per-call times measured alone on the first batch's shapes (`engine.profile`).
   """
 
   num_tokens: list[int]
@@ -65,6 +68,10 @@ class GenerationStats:
   position_hits: list[int] | None = None
   position_tries: list[int] | None = None
   verify_lengths: list[list[int]] | None = None
+  proposed: list[list[bool]] | None = None
+  confidence_logits: list | None = None
+  scheduler: str | None = None
+  verify_tokens_per_round: float | None = None
   draft_time_s: float | None = None
   verify_time_s: float | None = None
   extra: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -134,22 +141,42 @@ def _stop_lists(target, stop_tokens, n: int) -> list[list[int]]:
   return [list(map(int, stop_tokens))] * n
 
 
-def _get_cache(target, batch: int, capacity: int, cfg=None, pool_key="target"):
-  """A cache buffer from the target's pool (buffers are donated and handed back)."""
-  pool = target.__dict__.setdefault("_cache_pool", {})
-  key = (pool_key, batch, capacity)
-  if key in pool:
-    return pool.pop(key)
-  cfg = cfg or target.config
-  mesh = target.mesh
-  cache = KVCache.init(cfg, batch, capacity, target.dtype)
-  shard = lambda x: jax.device_put(x, sharding_lib.cache_sharding(mesh, x.shape))
-  return KVCache(tuple(map(shard, cache.k)), tuple(map(shard, cache.v)),
-                 jax.device_put(cache.lengths, sharding_lib.replicated(mesh)))
+@dataclasses.dataclass
+class SpecSetup:
+  """Validated speculative settings for one `generate` call."""
 
+  block: int  # P used per round
+  verify_lengths: list[int]
+  loop: speculative.LoopSpec
+  scheduler: Any = None
 
-def _return_cache(target, cache: KVCache, pool_key="target"):
-  target.__dict__.setdefault("_cache_pool", {})[(pool_key, cache.batch, cache.capacity)] = cache
+  @classmethod
+  def make(cls, target, draft, num_draft_tokens, verify_lengths, n, acceptance: str = "exact",
+           scheduler=None, batch_size: int = 1) -> "SpecSetup":
+    if acceptance not in speculative.ACCEPT_RULES:
+      raise ValueError(f"unknown acceptance rule {acceptance!r}; known: "
+                       f"{sorted(speculative.ACCEPT_RULES)}")
+    dcfg = draft.config
+    dcfg.check_target(target.config)
+    p = dcfg.block_size if num_draft_tokens is None else int(num_draft_tokens)
+    dcfg.check_block(p)
+    if verify_lengths is None:
+      ver = [p] * n
+    else:
+      ver = [int(v) for v in (verify_lengths if isinstance(verify_lengths, (list, tuple))
+                              else [verify_lengths] * n)]
+      if len(ver) != n or any(not 0 <= v <= p for v in ver):
+        raise ValueError(f"verify_lengths must be {n} values in [0, {p}]")
+    sched = profile.resolve_scheduler(scheduler, target, draft, batch=batch_size, num_draft=p)
+    budgets = () if sched is None or sched.policy == "fixed" else speculative.token_budgets(
+        batch_size, p)
+    loop = speculative.LoopSpec(runtime=draft.runtime, num_draft=p, budgets=budgets,
+                                accept_fn=speculative.ACCEPT_RULES[acceptance])
+    return cls(block=p, verify_lengths=ver, loop=loop, scheduler=sched)
+
+  @property
+  def extra_capacity(self) -> int:
+    return self.block + 1  # verify writes up to P+1 slots past the committed length
 
 
 def generate(target, prompts: Sequence, *, draft=None, max_new_tokens: int | Sequence[int] = 64,
@@ -157,7 +184,7 @@ def generate(target, prompts: Sequence, *, draft=None, max_new_tokens: int | Seq
              stop_tokens=None, batch_size: int | None = None,
              request_ids: Sequence[int] | None = None, max_cache_len: int | None = None,
              num_draft_tokens: int | None = None, verify_lengths=None,
-             acceptance: str = "exact", progress: bool = False,
+             acceptance: str = "exact", scheduler=None, progress: bool = False,
              time_split: bool = False) -> GenerationResult:
   """Generates continuations for a list of prompts.
 
@@ -178,6 +205,11 @@ def generate(target, prompts: Sequence, *, draft=None, max_new_tokens: int | Seq
     num_draft_tokens: draft block P used per round (default: the draft's trained block).
     verify_lengths: optional per-prompt verify length <= P (speculative only).
     acceptance: name of the acceptance rule ("exact" speculative sampling).
+    scheduler: (speculative) verify-length policy: a `dspark_jax.Scheduler`, a policy name
+      ("fixed", "threshold", "early_stop", "global", "async"; tables from the cached
+      profile and the draft's `sts.json`), or None/"auto": "early_stop" when the draft
+      has a confidence head and an SPS profile of this target, device and batch bucket is
+      cached (`python -m dspark_jax.profile`), else "fixed".
     progress: show a progress bar over batches.
     time_split: (speculative) also measure per-call propose / verify times and fill
       `stats.draft_time_s` / `verify_time_s` (costs two extra compilations).
@@ -197,11 +229,13 @@ def generate(target, prompts: Sequence, *, draft=None, max_new_tokens: int | Seq
   if len(rids) != n:
     raise ValueError(f"request_ids has {len(rids)} entries for {n} prompts")
   limit = max_cache_len or target.config.max_position_embeddings
+  bs = batch_size or min(n, 8)
+  if bs < 1:
+    raise ValueError(f"batch_size must be >= 1, got {bs}")
   spec = None
   if draft is not None:
-    from dspark_jax.decoding import speculative  # lazy: avoids a cycle with drafts
-    spec = speculative.SpecSetup.make(target, draft, num_draft_tokens, verify_lengths, n,
-                                      acceptance)
+    spec = SpecSetup.make(target, draft, num_draft_tokens, verify_lengths, n, acceptance,
+                          scheduler, batch_size=bucket(min(bs, n), minimum=1))
   extra = spec.extra_capacity if spec else 0
   for i, (p, m) in enumerate(zip(ids, max_new)):
     if len(p) + m + extra > limit:
@@ -211,7 +245,7 @@ def generate(target, prompts: Sequence, *, draft=None, max_new_tokens: int | Seq
 
   params = sampling.SamplingParams.make(temperature, top_k, top_p)
   seed_key = jax.random.key(seed)
-  bs = batch_size or min(n, 8)
+  engine = Engine.for_target(target)
   order = sorted(range(n), key=lambda i: -len(ids[i]))
   batches = [order[i:i + bs] for i in range(0, n, bs)]
   out_tokens: list[list[int]] = [[] for _ in range(n)]
@@ -219,6 +253,8 @@ def generate(target, prompts: Sequence, *, draft=None, max_new_tokens: int | Seq
   rounds = [0] * n
   accept_lengths: list[list[int]] | None = [[] for _ in range(n)] if spec else None
   verify_used: list[list[int]] | None = [[] for _ in range(n)] if spec else None
+  proposed: list[list[bool]] | None = [[] for _ in range(n)] if spec else None
+  conf_logits: list | None = [[] for _ in range(n)] if spec else None
   pos_hits = pos_tries = None
   wall = 0.0
   loop_iters = 0  # while_loop iterations over all batches (= rounds of the longest row)
@@ -242,33 +278,34 @@ def generate(target, prompts: Sequence, *, draft=None, max_new_tokens: int | Seq
       mx[j] = max_new[i]
       stop_arr[j, :len(stops[i])] = stops[i]
       rid[j] = rids[i]
-    batch = loop.Batch(tokens=jnp.asarray(tokens), lengths=jnp.asarray(lengths),
-                       max_new=jnp.asarray(mx), stop_tokens=jnp.asarray(stop_arr),
-                       request_ids=jnp.asarray(rid))
+    batch = Batch(tokens=jnp.asarray(tokens), lengths=jnp.asarray(lengths),
+                  max_new=jnp.asarray(mx), stop_tokens=jnp.asarray(stop_arr),
+                  request_ids=jnp.asarray(rid))
     t0 = time.perf_counter()
     if spec is None:
-      cache = _get_cache(target, b, tp + steps)
-      out, num, nsteps, cache = loop.ar_generate(target.graphdef, target.params, batch, cache,
-                                                 seed_key, params, max_steps=steps)
-      out, num = jax.device_get((out, num))
-      _return_cache(target, cache)
-      row_rounds = np.asarray(num)
-      res = None
+      res = engine.run(batch, seed_key, params, steps=steps)
     else:
-      res = spec.run(target, draft, batch, rows, seed_key, params, tp, steps)
-      out, num, row_rounds = res.out, res.num_out, res.rounds
+      cap = np.zeros((b,), np.int32)
+      for j, i in enumerate(rows):
+        cap[j] = spec.verify_lengths[i]
+      res = engine.run(batch, seed_key, params, steps=steps, draft=draft, loop=spec.loop,
+                       scheduler=spec.scheduler, verify_cap=cap)
     wall += time.perf_counter() - t0
-    loop_iters += int(np.max(row_rounds))
+    loop_iters += int(np.max(res.rounds))
     for j, i in enumerate(rows):
-      toks = [int(t) for t in out[j, :num[j]]]
+      toks = [int(t) for t in res.out[j, :res.num_out[j]]]
       out_tokens[i] = toks
       finish[i] = "stop" if toks and toks[-1] in stops[i] else "length"
-      rounds[i] = int(row_rounds[j])
-      if res is not None:
-        accept_lengths[i] = res.accept_lengths[j]
-        verify_used[i] = res.verify_lengths[j]
-    if res is not None:
-      hits, tries = res.position_counts(len(rows))
+      rounds[i] = int(res.rounds[j])
+      if res.record is not None:
+        rec, nr = res.record, int(res.rounds[j])
+        accept_lengths[i] = [int(x) for x in rec["accept_lens"][j, :nr]]
+        verify_used[i] = [int(x) for x in rec["verify_lens"][j, :nr]]
+        proposed[i] = [bool(x) for x in rec["proposed"][j, :nr]]
+        conf_logits[i] = rec["confidence"][j, :nr].tolist()
+    if res.record is not None:
+      hits = res.record["pos_hits"][:len(rows)].sum(0)
+      tries = res.record["pos_tries"][:len(rows)].sum(0)
       pos_hits = hits if pos_hits is None else pos_hits + hits
       pos_tries = tries if pos_tries is None else pos_tries + tries
     if bar is not None:
@@ -284,6 +321,12 @@ def generate(target, prompts: Sequence, *, draft=None, max_new_tokens: int | Seq
     flat = [a for row in accept_lengths for a in row]
     stats.accept_lengths = accept_lengths
     stats.verify_lengths = verify_used
+    stats.proposed = proposed
+    stats.confidence_logits = conf_logits
+    stats.scheduler = spec.scheduler.policy if spec.scheduler is not None else "fixed"
+    n_rounds = sum(len(r) for r in verify_used)
+    stats.verify_tokens_per_round = (
+        sum(v + 1 for r in verify_used for v in r) / n_rounds if n_rounds else None)
     stats.tau = float(np.mean(flat)) if flat else None
     stats.position_acceptance = [float(h / t) if t else None
                                  for h, t in zip(pos_hits, pos_tries)]
@@ -292,7 +335,6 @@ def generate(target, prompts: Sequence, *, draft=None, max_new_tokens: int | Seq
     hist = np.bincount(np.asarray(flat, np.int64), minlength=spec.block + 2)[1:]
     stats.accept_histogram = [int(x) for x in hist]
     if time_split:
-      from dspark_jax.decoding import profile
       split = profile.round_split(target, draft, [ids[i] for i in batches[0]],
                                   num_draft=spec.block)
       stats.draft_time_s = split["propose_ms"] * loop_iters / 1e3

@@ -113,17 +113,11 @@ def resolve_model_path(path_or_id: str | os.PathLike) -> str:
   path = os.fspath(path_or_id)
   if os.path.isdir(path):
     return path
-  from dspark_jax import demo  # lazy: only needed for the embedded models
-  if path == "tiny":  # a tiny quickly-trained checkpoint with a char tokenizer (tests, CI)
-    from dspark_jax import testing
-    out = os.path.join(demo.cache_root(), "models", "tiny")
-    cfg_file = os.path.join(out, "config.json")
-    if (not os.path.exists(cfg_file) or json.load(open(cfg_file)).get(
-        "dspark_jax_tiny_version") != testing.TINY_VERSION):
-      testing.write_tiny_model_dir(out)
-    return out
-  if path in demo.DEMO_MODELS or path == "demo":
-    return os.fspath(demo.demo_model_dir(demo.DEFAULT_DEMO_MODEL if path == "demo" else path))
+  # Lazy: the demo package imports this module (for `Target`), never the reverse at import time.
+  from dspark_jax import demo
+  demo_dir = demo.resolve_model_name(path)  # "tiny", "demo" or an embedded demo model
+  if demo_dir is not None:
+    return demo_dir
   if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not os.path.exists(path):
     try:
       from huggingface_hub import snapshot_download

@@ -557,7 +557,8 @@ def reference_logits(model_dir, prompts: list[list[int]]) -> list[np.ndarray]:
   return [_logits(model, list(p)) for p in prompts]
 
 
-def reference_hidden_states(model_dir, prompt: list[int], layer_ids) -> dict[int, np.ndarray]:
+def reference_hidden_states(model_dir, prompt: list[int], layer_ids,
+                            model=None) -> dict[int, np.ndarray]:
   """Raw decoder-layer outputs (the residual stream after layer i, before the final norm).
 
   Captured with forward hooks on the decoder layers (`model.model.layers[i]`), not with
@@ -572,7 +573,7 @@ def reference_hidden_states(model_dir, prompt: list[int], layer_ids) -> dict[int
     from the end, keys are the ids as given).
   """
   torch = _torch()
-  model = _load(model_dir)
+  model = model if model is not None else _load(model_dir)  # e.g. a float64 copy
   layers = _text_model(model).layers
   got, handles = {}, []
   for i in layer_ids:

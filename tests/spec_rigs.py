@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from dspark_jax.decoding import sampling
 from dspark_jax.decoding.cache import KVCache
-from dspark_jax.decoding.speculative import Proposal
+from dspark_jax.decoding.state import Proposal
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,3 +57,23 @@ def test_generate_time_split_fills_stats():
   assert st.position_tries[0] == sum(len(r) for r in st.accept_lengths)
   for a, h, t in zip(st.position_acceptance, st.position_hits, st.position_tries):
     assert (a is None and t == 0) or a == h / t
+
+
+def test_bench_help_lists_every_flag_with_its_default(capsys):
+  with pytest.raises(SystemExit) as exit_:
+    bench.main(["--help"])
+  assert exit_.value.code == 0
+  out = capsys.readouterr().out
+  for name, flag in bench.FLAGS._flags().items():
+    assert f"--{name}" in out or f"--[no]{name}" in out, name
+    assert flag.help, name
+  assert "(default: '1,8')" in out and "(default: 'runs/bench/bench.json')" in out
+
+
+def test_bench_refuses_to_overwrite_results(tmp_path):
+  out = tmp_path / "bench.json"
+  out.write_text("{}")
+  with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+    bench.main(["--target=tiny", f"--out={out}"])
+  assert out.read_text() == "{}"
+  assert not bench.FLAGS["out"].default.startswith("bench_results")  # committed results

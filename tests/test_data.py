@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from dspark_jax import generation as generation_lib
-from dspark_jax import testing
+from dspark_jax.demo import prompts as demo_prompts
+from dspark_jax.demo import tiny
 from dspark_jax.tokenizer import Tokenizer
 from dspark_jax.training import data
 
@@ -225,13 +226,50 @@ def test_read_rows_errors(tmp_path, line, match):
 
 
 def test_stdlib_code_prompts_deterministic():
-  a = data.stdlib_code_prompts(16, seed=3)
-  assert a == data.stdlib_code_prompts(16, seed=3)
+  a = demo_prompts.stdlib_code_prompts(16, seed=3)
+  assert a == demo_prompts.stdlib_code_prompts(16, seed=3)
   assert len(a) == 16 and len({r["turns"][0] for r in a}) == 16
   assert len({r["id"] for r in a}) == 16
   assert all(len(r["turns"]) == 1 and len(r["turns"][0]) > 30 for r in a)
   assert any("```python" in r["turns"][0] for r in a)
-  assert data.stdlib_code_prompts(16, seed=4) != a
+  assert demo_prompts.stdlib_code_prompts(16, seed=4) != a
+
+
+def test_chat_prompts_deterministic_varied_and_bounded():
+  a = demo_prompts.chat_prompts(120, seed=3)
+  assert a == demo_prompts.chat_prompts(120, seed=3)
+  assert demo_prompts.chat_prompts(120, seed=4) != a
+  assert len(a) == 120 and len({r["id"] for r in a}) == 120
+  assert all(r["id"].startswith("chat-") for r in a)
+  assert len({tuple(r["turns"]) for r in a}) == 120
+  turns = [len(r["turns"]) for r in a]
+  assert set(turns) == {1, 2, 3}  # follow-up questions on some rows
+  assert all(0 < len(t) <= 1500 for r in a for t in r["turns"])
+  firsts = [r["turns"][0] for r in a]
+  for instruction in ("Summarise", "beginner", "example", "key points", "Compare"):
+    assert any(instruction in t for t in firsts), instruction
+  # Both sources: pydoc topics (language reference) and stdlib docstrings.
+  assert any('statement' in t for t in firsts) and any("module" in t for t in firsts)
+  assert all(len(t) <= 600 for r in demo_prompts.chat_prompts(20, max_chars=600)
+             for t in r["turns"])
+  assert demo_prompts.chat_prompts(0) == []
+
+
+def test_clip_cuts_at_a_boundary():
+  text = "First sentence here. Second one is longer than the rest of it."
+  assert demo_prompts._clip(text, 36) == "First sentence here."  # not "... Second one is"
+  assert demo_prompts._clip("short", 40) == "short"
+  assert len(demo_prompts._clip("x" * 100, 40)) == 40
+
+
+def test_data_package_keeps_the_old_names():
+  """`data_lib.X` works for every name of the module before it became a package."""
+  for name in ("read_rows", "normalize_messages", "DataFormatError", "TemplateMismatchError",
+               "regenerate", "render_with_spans", "tokenize_conversation", "tokenize_file",
+               "TokenizedData", "load_tokenized", "BatchIterator", "stdlib_code_prompts",
+               "synthetic_prompts"):
+    assert hasattr(data, name), name
+  assert data.stdlib_code_prompts is demo_prompts.stdlib_code_prompts
 
 
 # ---- batches --------------------------------------------------------------------------------
@@ -308,9 +346,9 @@ def test_batches_from_file(hf_tok, tmp_path):
 # ---- regeneration ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def chat_target(hf_tok):
-  cfg = testing.tiny_config("qwen3", vocab=len(hf_tok), hidden=16, layers=1, heads=2,
+  cfg = tiny.tiny_config("qwen3", vocab=len(hf_tok), hidden=16, layers=1, heads=2,
                             kv_heads=1, head_dim=8)
-  target = testing.random_target(cfg, seed=3, scale=4.0)
+  target = tiny.random_target(cfg, seed=3, scale=4.0)
   target.tokenizer = Tokenizer(hf_tok)
   return target
 

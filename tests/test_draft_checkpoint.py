@@ -11,14 +11,14 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import dspark_jax as dj
-from dspark_jax import testing
+from dspark_jax.demo import tiny
 from dspark_jax.drafts import api as draft_api
 from dspark_jax.drafts.checkpoint import config_from_json
 
 
 @pytest.fixture(scope="module")
 def target():
-  return testing.random_target(testing.tiny_config("qwen3", vocab=64, layers=6), scale=4.0)
+  return tiny.random_target(tiny.tiny_config("qwen3", vocab=64, layers=6), scale=4.0)
 
 
 KINDS = [("dspark", {}), ("dspark", {"markov_head_type": "gated"}),
@@ -118,14 +118,14 @@ def test_errors(target, tmp_path):
   d = draft_api.init_draft(target, "dspark", num_layers=1, block_size=4, target_layer_ids=(1, 3),
                            markov_rank=8)
   path = dj.save_draft(d, tmp_path / "d")
-  other_vocab = testing.random_target(testing.tiny_config("qwen3", vocab=48, layers=6))
+  other_vocab = tiny.random_target(tiny.tiny_config("qwen3", vocab=48, layers=6))
   with pytest.raises(dj.DraftConfigError, match="vocab size 64 != target vocab 48"):
     dj.load_draft(path, other_vocab)
-  other_hidden = testing.random_target(testing.tiny_config("qwen3", vocab=64, hidden=16, layers=6,
+  other_hidden = tiny.random_target(tiny.tiny_config("qwen3", vocab=64, hidden=16, layers=6,
                                                            head_dim=4))
   with pytest.raises(dj.DraftConfigError, match="hidden size"):
     dj.load_draft(path, other_hidden)
-  shallow = testing.random_target(testing.tiny_config("qwen3", vocab=64, layers=3))
+  shallow = tiny.random_target(tiny.tiny_config("qwen3", vocab=64, layers=3))
   with pytest.raises(dj.DraftConfigError, match=r"out of range|trained for a 6-layer"):
     dj.load_draft(path, shallow)
   with pytest.raises(dj.DraftConfigError, match="out of range"):
@@ -149,3 +149,24 @@ def test_errors(target, tmp_path):
     dj.load_draft(miss, target)
   with pytest.raises(dj.DraftConfigError, match="exceeds the trained block size 4"):
     dj.generate(target, [[1, 2, 3]], draft=d, num_draft_tokens=6, max_new_tokens=2)
+
+
+# ---- the committed demo draft ----------------------------------------------------------------
+def test_load_draft_demo_without_a_demo_target_is_one_clear_line(target):
+  with pytest.raises(ValueError, match=r"draft 'demo' exists only for the demo target\(s\) "
+                                       r"\['smollm2-135m-instruct'\]") as err:
+    dj.load_draft("demo", target)
+  assert "\n" not in str(err.value)
+
+
+def test_load_draft_demo_resolves_the_committed_draft():
+  """`load_draft("demo", <embedded SmolLM2>)` is the draft that serve and evaluate default to."""
+  from dspark_jax import demo
+  try:
+    smollm2 = dj.load_target("smollm2-135m-instruct")
+  except demo.DemoModelNotInstalledError as e:
+    pytest.skip(f"demo model weights not installed: {e}")
+  draft = dj.load_draft("demo", smollm2)
+  assets = os.path.join(os.path.dirname(dj.__file__), "assets", "drafts")
+  assert draft.path == os.path.join(assets, demo.DEMO_DRAFTS["smollm2-135m-instruct"])
+  assert draft.algorithm == "dspark" and draft.target is smollm2

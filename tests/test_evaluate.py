@@ -1,6 +1,7 @@
 """The per-domain evaluation runs end to end and its pooled statistics are consistent (tiny)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -42,3 +43,27 @@ def test_evaluate_tiny_end_to_end(tmp_path):
 def test_evaluate_without_eval_sets_is_a_clear_error(tmp_path):
   with pytest.raises(SystemExit, match="no \\*.jsonl eval sets"):
     evaluate.main([f"--eval_dir={tmp_path}"])
+
+
+def test_evaluate_paths_are_relative_to_the_repository_root(tmp_path, monkeypatch):
+  from dspark_jax import cli
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(SystemExit, match="no such directory") as err:
+    evaluate.main(["--eval_dir=no/such/eval"])
+  assert os.path.join(cli.REPO_ROOT, "no", "such", "eval") in str(err.value)
+  assert cli.repo_path("../shared/data/eval") == os.path.join(
+      os.path.dirname(cli.REPO_ROOT), "shared", "data", "eval")
+  assert cli.repo_path(str(tmp_path)) == str(tmp_path)
+
+
+def test_evaluate_refuses_to_overwrite_results(tmp_path):
+  eval_dir = tmp_path / "eval"
+  eval_dir.mkdir()
+  (eval_dir / "a.jsonl").write_text(json.dumps({"turns": ["hi"]}) + "\n")
+  out = tmp_path / "eval.json"
+  out.write_text("{}")
+  with pytest.raises(SystemExit, match="exists; pass --overwrite"):  # before loading anything
+    evaluate.main(["--target=/nonexistent", f"--eval_dir={eval_dir}", f"--out={out}"])
+  assert evaluate.FLAGS["out"].default == os.path.join("runs", "eval", "eval.json")
+  with pytest.raises(SystemExit, match="Unknown command line flag 'outt'"):
+    evaluate.main(["--outt=x"])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import dspark_jax as dj
-from dspark_jax import testing
+from dspark_jax.demo import tiny as testing
 from dspark_jax.decoding import loop as loop_lib
 
 PROMPTS = [[1, 5, 9, 33, 10, 7, 8, 20, 3, 4, 11, 12, 13], [4, 2, 9, 19, 12], [7, 7]]
@@ -93,18 +93,19 @@ def test_loop_makes_no_transfers_inside():
   that forbids them, with inputs placed on device beforehand."""
   cfg = testing.tiny_config("qwen3", vocab=48)
   target = testing.random_target(cfg, scale=4.0, seed=7)
-  from dspark_jax import generation
   from dspark_jax.decoding import sampling
+  from dspark_jax.decoding.cache import KVCache
+  from dspark_jax.decoding.state import Batch
   import jax.numpy as jnp
-  batch = loop_lib.Batch(tokens=jnp.ones((2, 16), jnp.int32), lengths=jnp.array([3, 5]),
-                         max_new=jnp.array([16, 16]), stop_tokens=-jnp.ones((2, 1), jnp.int32),
-                         request_ids=jnp.arange(2))
-  cache = generation._get_cache(target, 2, 32)
+  batch = Batch(tokens=jnp.ones((2, 16), jnp.int32), lengths=jnp.array([3, 5]),
+                max_new=jnp.array([16, 16]), stop_tokens=-jnp.ones((2, 1), jnp.int32),
+                request_ids=jnp.arange(2))
+  cache = KVCache.init(target.config, 2, 32)
   params = sampling.SamplingParams.make(1.0)
   key = jax.random.key(0)
   loop_lib.ar_generate(target.graphdef, target.params, batch, cache, key, params,
                        max_steps=16)[0].block_until_ready()
-  cache = generation._get_cache(target, 2, 32)
+  cache = KVCache.init(target.config, 2, 32)
   with jax.transfer_guard("disallow"):
     out = loop_lib.ar_generate(target.graphdef, target.params, batch, cache, key, params,
                                max_steps=16)

@@ -20,7 +20,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 from dspark_jax import demo  # noqa: E402
-from dspark_jax.checkpoints import gguf as gguf_conv  # noqa: E402
+from dspark_jax.demo import gguf as gguf_conv  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -401,7 +401,7 @@ def test_conversion_never_imports_torch(tiny_llama, tmp_path):
   gguf_path, _, _ = tiny_llama
   code = (
       "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises
-      "from dspark_jax.checkpoints.gguf import convert_gguf_to_hf\n"
+      "from dspark_jax.demo.gguf import convert_gguf_to_hf\n"
       f"convert_gguf_to_hf({str(gguf_path)!r}, {str(tmp_path / 'out')!r})\n"
       "print('ok')\n")
   result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
@@ -652,7 +652,7 @@ def test_demo_model_dir_converts_once(monkeypatch, tmp_path, capsys):
 def convert_without_torch(gguf_path: pathlib.Path, out: pathlib.Path) -> None:
   """Runs the conversion in a fresh interpreter where `import torch` fails."""
   code = ("import sys; sys.modules['torch'] = None\n"
-          "from dspark_jax.checkpoints.gguf import convert_gguf_to_hf\n"
+          "from dspark_jax.demo.gguf import convert_gguf_to_hf\n"
           f"convert_gguf_to_hf({str(gguf_path)!r}, {str(out)!r})\n")
   result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           timeout=900)

@@ -34,6 +34,7 @@ from dspark_jax.checkpoints import hf as hf_ckpt  # noqa: E402
 from dspark_jax.config import ModelConfig, UnsupportedModelError  # noqa: E402
 from dspark_jax.decoding import loop  # noqa: E402
 from dspark_jax.decoding.cache import KVCache  # noqa: E402
+from dspark_jax.decoding.state import Batch  # noqa: E402
 from dspark_jax.models import transformer  # noqa: E402
 
 NAMES = list(hf_tiny.TINY_MODELS)
@@ -110,9 +111,9 @@ def test_gemma3_attention_softcap_is_not_applied(tiny_dirs):
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _prefill(graphdef, params, tokens, lengths, cache):
   b = tokens.shape[0]
-  batch = loop.Batch(tokens=tokens, lengths=lengths, max_new=jnp.ones((b,), jnp.int32),
-                     stop_tokens=jnp.full((b, 1), -1, jnp.int32),
-                     request_ids=jnp.arange(b, dtype=jnp.int32))
+  batch = Batch(tokens=tokens, lengths=lengths, max_new=jnp.ones((b,), jnp.int32),
+                stop_tokens=jnp.full((b, 1), -1, jnp.int32),
+                request_ids=jnp.arange(b, dtype=jnp.int32))
   cache, logits, _ = loop.prefill(nnx.merge(graphdef, params), batch, cache)
   return cache, logits
 
@@ -211,18 +212,28 @@ def test_taps_match_transformers_hidden_states(tiny_dirs, targets, name):
   out = target.forward(right_pad(PROMPTS), taps=taps)
   got_taps = np.asarray(out.taps)
   assert got_taps.shape == (len(PROMPTS), max(map(len, PROMPTS)), n * d)
-  model = hf_tiny._load(tiny_dirs[name])
+  # Exact values come from transformers in float64. Over Gemma 4's residual stream (|h| ~ 20
+  # by layer 5) float32 rounding alone puts transformers' own float32 states up to ~1e-4 from
+  # them, so the bound is 1e-4 or twice transformers' own float32 error, whichever is larger.
+  model32 = hf_tiny._load(tiny_dirs[name], cache=False)
+  model64 = hf_tiny._load(tiny_dirs[name], cache=False).double()
   for r, prompt in enumerate(PROMPTS):
     with torch.no_grad():
-      hs = model(torch.tensor([prompt]), output_hidden_states=True, use_cache=False).hidden_states
-    hooked = hf_tiny.reference_hidden_states(tiny_dirs[name], prompt, [n - 1])[n - 1]
+      hs = model64(torch.tensor([prompt]), output_hidden_states=True,
+                   use_cache=False).hidden_states
+      hs32 = model32(torch.tensor([prompt]), output_hidden_states=True,
+                     use_cache=False).hidden_states
+    hooked = hf_tiny.reference_hidden_states(tiny_dirs[name], prompt, [n - 1], model64)[n - 1]
+    hooked32 = hf_tiny.reference_hidden_states(tiny_dirs[name], prompt, [n - 1], model32)[n - 1]
     assert len(hs) == n + 1
     valid = slice(0, len(prompt))
     for i in taps:
       want = hs[i + 1][0].numpy() if i < n - 1 else hooked
+      theirs = hs32[i + 1][0].numpy() if i < n - 1 else hooked32
+      tol = max(LOGIT_TOL, 2 * np.abs(theirs - want).max())
       ours = got_taps[r, valid, i * d:(i + 1) * d]
       err = np.abs(ours - want).max()
-      assert err < LOGIT_TOL, f"{name}: prompt {r} layer {i}: max|dh| {err:.3g}"
+      assert err < tol, f"{name}: prompt {r} layer {i}: max|dh| {err:.3g} (bound {tol:.3g})"
     err = np.abs(np.asarray(out.hidden)[r, valid] - hs[n][0].numpy()).max()
     assert err < LOGIT_TOL, f"{name}: prompt {r} final-normed hidden: max|dh| {err:.3g}"
 

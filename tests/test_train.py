@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 
 import dspark_jax as dj
+from dspark_jax import demo
 from dspark_jax import run_config
 from dspark_jax.drafts import api
 from dspark_jax.drafts.config import DraftConfigError
-from dspark_jax.training import data as data_lib
 from dspark_jax.training import driver
 from dspark_jax.training import parallel_objective as po
 from dspark_jax.training import train_lib
@@ -60,7 +60,7 @@ def workdir_with_data(prepared, path) -> str:
 
 
 def eval_prompts(target, n=16):
-  rows = data_lib.synthetic_prompts(n, seed=123)  # not the training seed
+  rows = demo.synthetic_prompts(n, seed=123)  # not the training seed
   return [target.tokenizer.apply_chat_template([{"role": "user", "content": r["turns"][0]}])
           for r in rows]
 
@@ -379,6 +379,26 @@ def test_tensorboard_reads_event_files(tmp_path):
   assert seen == {("loss", 1): 2.5, ("tau_est", 1): 1.25, ("loss", 2): 2.0,
                   ("tau_est", 2): 1.5}
   assert len(read_metrics(str(tmp_path))) == 2
+
+
+def test_tiny_builtin_prompts_only_without_a_prompts_file(tmp_path):
+  """configs/tiny.py's 256 synthetic prompts are a fallback, not added to a given prompts file."""
+  default = driver.training_prompts(tiny_config())
+  assert default == demo.synthetic_prompts(256, seed=0)
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("".join(json.dumps({"id": f"p{i}", "turns": [f"q {i}"]}) + "\n"
+                             for i in range(5)))
+  assert driver.training_prompts(tiny_config(**{"data.prompts": str(prompts)})) == [
+      {"id": f"p{i}", "turns": [f"q {i}"]} for i in range(5)]
+  # Other built-in sources replace the fallback too; an explicit count still adds.
+  chat = driver.training_prompts(tiny_config(**{"data.chat_prompts": 3}))
+  assert [r["id"] for r in chat] == ["chat-0-0", "chat-0-1", "chat-0-2"]
+  both = driver.training_prompts(tiny_config(**{"data.prompts": str(prompts),
+                                                "data.synthetic_prompts": 2}))
+  assert [r["id"] for r in both] == ["p0", "p1", "p2", "p3", "p4", "synthetic-0-0",
+                                     "synthetic-0-1"]
+  with pytest.raises(ValueError, match="no training prompts"):
+    driver.training_prompts(tiny_config(**{"data.synthetic_fallback": 0}))
 
 
 def test_unknown_config_field_is_a_clear_error(tmp_path):

@@ -1,13 +1,17 @@
-"""Fixed-capacity KV cache with per-row lengths; rollback is "don't advance the length".
+"""Fixed-capacity KV cache with per-row lengths: the only code that reads or writes K/V.
 
-Layout per cached layer: `k`, `v` of shape `[B, S, K, H]` (Gemma 4 global layers
-have their own K and H, so the arrays are a tuple, one per layer that owns a
-cache entry; KV-shared layers read their source layer's entry).
+Layout per cached layer: `k`, `v` of shape `[B, K, S, H]` (kv heads before slots, so the
+attention dots read the cache in place; a `[B, S, K, H]` layout made XLA transpose every
+layer's whole cache on every step). Gemma 4 global layers have their own K and H, so the
+arrays are a tuple, one per layer that owns a cache entry; KV-shared layers read their
+source layer's entry. Slot s holds the token at position s (a linear cache; page tables
+and ring buffers for sliding layers would change `write` and `segment`, not callers).
 
-`lengths[b]` counts the tokens of row b whose K/V are committed. A forward call
-writes its T new tokens at `lengths[b] .. lengths[b] + T - 1` and attends causally,
-so anything beyond a row's committed length is stale and is simply overwritten by
-the next write: rejected draft tokens never need to be erased.
+`lengths[b]` counts the tokens of row b whose K/V are committed. A forward call writes its
+T new tokens at `lengths[b] .. lengths[b] + T - 1` and attends causally, so anything beyond
+a row's committed length is stale and is simply overwritten by the next write: rejected
+draft tokens never need to be erased. Rows marked invalid (finished requests, padding) do
+not write at all, so a slot reused by another request is never clobbered.
 """
 
 from __future__ import annotations
@@ -19,14 +23,15 @@ import jax.numpy as jnp
 
 from dspark_jax.config import ModelConfig
 from dspark_jax.typing import Array
+from kernels import attention as attn_kernels
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
   """Attributes:
-    k: per cached layer, `[B, S, K, H]`.
-    v: per cached layer, `[B, S, K, H]`.
+    k: per cached layer, `[B, K, S, H]`.
+    v: per cached layer, `[B, K, S, H]`.
     lengths: int32 `[B]` committed tokens per row.
   """
 
@@ -36,16 +41,17 @@ class KVCache:
 
   @classmethod
   def init(cls, cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32) -> "KVCache":
+    """Zeros for every cache-owning layer of `cfg` (`cfg.cache_layers`)."""
     ks, vs = [], []
     for layer in cfg.cache_layers:
-      shape = (batch, capacity, cfg.layer_kv_heads[layer], cfg.layer_head_dims[layer])
+      shape = (batch, cfg.layer_kv_heads[layer], capacity, cfg.layer_head_dims[layer])
       ks.append(jnp.zeros(shape, dtype))
       vs.append(jnp.zeros(shape, dtype))
     return cls(tuple(ks), tuple(vs), jnp.zeros((batch,), jnp.int32))
 
   @property
   def capacity(self) -> int:
-    return self.k[0].shape[1]
+    return self.k[0].shape[2]
 
   @property
   def batch(self) -> int:
@@ -55,13 +61,45 @@ class KVCache:
     """Returns the cache with new committed lengths (advance to accept, keep to roll back)."""
     return dataclasses.replace(self, lengths=lengths.astype(jnp.int32))
 
+  def write(self, slot: int, k_new: Array, v_new: Array, start: Array,
+            valid: Array | None = None) -> "KVCache":
+    """Writes T new tokens' K/V `[B, T, K, H]` of cache entry `slot` at per-row `start` `[B]`.
 
-def write_rows(buf: Array, new: Array, start: Array) -> Array:
-  """Writes `new` `[B, T, ...]` into `buf` `[B, S, ...]` at per-row offsets `start` `[B]`.
+    Rows with `valid[b] == False` (or tokens with `valid[b, t] == False`) write nothing. Callers size the capacity so that
+    `start + T <= S`; a write past the end is dropped rather than shifted.
+    """
+    b, t = k_new.shape[:2]
+    pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+    if valid is not None:
+      keep = valid if valid.ndim == 2 else valid[:, None]
+      pos = jnp.where(keep, pos, self.capacity)  # out of range -> dropped
+    rows = jnp.arange(b)[:, None]
 
-  Callers guarantee `start + T <= S` (capacity is sized for it); `dynamic_update_slice`
-  would otherwise clamp the offset and silently shift the write.
-  """
-  def one(b, n, s):
-    return jax.lax.dynamic_update_slice_in_dim(b, n.astype(b.dtype), s, axis=0)
-  return jax.vmap(one)(buf, new, start)
+    def put(buf, new):
+      return buf.at[rows, :, pos].set(new.astype(buf.dtype), mode="drop")
+
+    ks, vs = list(self.k), list(self.v)
+    ks[slot] = put(ks[slot], k_new)
+    vs[slot] = put(vs[slot], v_new)
+    return KVCache(tuple(ks), tuple(vs), self.lengths)
+
+  def segment(self, slot: int, *, span: int | None = None, causal: bool = True,
+              window: int | None = None, visible_lengths: Array | None = None):
+    """An attention key segment over entry `slot` (the first `span` slots, default all).
+
+    `visible_lengths` `[B]` hides slots at or beyond it (a draft's context cache, whose
+    queries are not at cache positions); causal segments hide keys after each query.
+    """
+    k, v = self.k[slot], self.v[slot]
+    if span is not None and span < k.shape[2]:
+      k, v = k[:, :, :span], v[:, :, :span]
+    return attn_kernels.KV(k, v, lengths=visible_lengths, causal=causal, window=window)
+
+  def attend(self, slot: int, q: Array, q_positions: Array, *, scale: float,
+             softcap: float | None = None, window: int | None = None, span: int | None = None,
+             extra=()) -> Array:
+    """Causal attention of `q` `[B, T, N, H]` at `q_positions` `[B, T]` over entry `slot`
+    (plus any `extra` segments). Returns `[B, T, N, H]`."""
+    seg = self.segment(slot, span=span, window=window)
+    return attn_kernels.attention(q, seg, *extra, q_positions=q_positions, scale=scale,
+                                  softcap=softcap)

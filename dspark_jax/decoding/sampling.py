@@ -114,7 +114,12 @@ def sample_from_probs(keys: Array, probs: Array) -> Array:
 
 
 def row_keys(seed_key: Array, request_ids: Array, step: Array, tag: int) -> Array:
-  """`[B]` keys for (request, step, tag): independent of batch composition."""
-  def one(rid):
-    return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(seed_key, rid), step), tag)
-  return jax.vmap(one)(request_ids)
+  """`[B]` keys for (request, step, tag): independent of batch composition.
+
+  `step` is a scalar or one step counter per row `[B]` (rows admitted at different times).
+  """
+  step = jnp.broadcast_to(jnp.asarray(step, jnp.int32), request_ids.shape)
+
+  def one(rid, st):
+    return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(seed_key, rid), st), tag)
+  return jax.vmap(one)(request_ids, step)

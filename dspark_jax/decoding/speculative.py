@@ -1,20 +1,29 @@
-"""The draft-verify loop: propose -> verify -> accept -> commit, in one `lax.while_loop`.
+"""The draft-verify loop: schedule -> propose -> verify -> accept -> commit.
 
 Per round, for every row b with committed length L_b (tokens whose K/V are in the
 target cache) and anchor a_b (the newest token, at position L_b, not yet in the cache):
 
-  propose  the draft proposes P tokens x_1..x_P with distributions q_1..q_P;
-  verify   one target call on [a, x_1..x_P] at positions L..L+P gives p_0..p_P and the
-           tapped features of those positions;
-  accept   exact speculative sampling over the first l_b <= P drafts: x_k is accepted
-           with probability min(1, p_{k-1}(x_k) / q_k(x_k)); at the first rejection a token
-           is drawn from norm(max(0, p_{k-1} - q_k)); if all l_b pass, a bonus token is
-           drawn from p_{l_b}. Greedy is the temperature-0 limit: token equality;
+  schedule decide, from the previous block's confidences only, whether the draft pays
+           this round at all (else the round is a plain decode step: verify l = 0);
+  propose  the draft proposes P tokens x_1..x_P with distributions q_1..q_P and
+           confidence logits (the runtime of the draft's algorithm does this);
+  schedule the verify length l_b in [0, P] of every row from the calibrated confidences
+           (`dspark_jax.scheduling`): the admission of x_k depends on x_<k only;
+  verify   one target call on [a, x_1..x_l] at positions L..L+l gives p_0..p_l and the
+           tapped features of those positions; with token buckets the rows' tokens are
+           packed into a flat batch of the smallest compiled budget that holds them, so
+           the call costs what it verifies;
+  accept   exact speculative sampling over the first l_b drafts: x_k is accepted with
+           probability min(1, p_{k-1}(x_k) / q_k(x_k)); at the first rejection a token is
+           drawn from norm(max(0, p_{k-1} - q_k)); if all l_b pass, a bonus token is drawn
+           from p_{l_b}. Greedy is the temperature-0 limit: token equality;
   commit   L_b += accepted + 1 (the anchor and accepted drafts were written by verify),
            the draft ingests the features of those positions, and the new token becomes
            the anchor. Nothing is rolled back: stale cache slots are overwritten later.
 
 Indices below are 0-based: draft token k (k = 0..P-1) is checked against target row k.
+`spec_init` / `spec_rounds` are the pieces a server interleaves with admissions;
+`spec_generate` fuses them into one program.
 """
 
 from __future__ import annotations
@@ -25,52 +34,103 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from dspark_jax import sharding as sharding_lib
-from dspark_jax.decoding import loop as loop_lib
+from dspark_jax.decoding import commit as commit_lib
 from dspark_jax.decoding import sampling
 from dspark_jax.decoding.cache import KVCache
+from dspark_jax.decoding.loop import count_trace, first_token, prefill
+from dspark_jax.decoding.state import Batch, Pack, Proposal, Rows, SpecState
 from dspark_jax.typing import Array
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class Proposal:
-  """Attributes:
-    tokens: int32 `[B, P]` draft tokens.
-    logits: float32 `[B, P, V]` logits the tokens were sampled from (after the sequential
-      head, before temperature/top-k/top-p, which `sampling` applies identically to both
-      models).
-    confidence: float32 `[B, P]` confidence logits (sigmoid -> P(accept | prefix)), or None.
-  """
-
-  tokens: Array
-  logits: Array
-  confidence: Array | None
-
-
 # ---------------------------------------------------------------------------------------------
-# verify / accept: draft-agnostic
+# verify
 # ---------------------------------------------------------------------------------------------
-def verify(target_model, cache: KVCache, anchor: Array, drafts: Array, taps=()):
-  """One target call over `[anchor, drafts]` at each row's own offset.
+def verify(target_model, cache: KVCache, anchor: Array, drafts: Array, taps=(),
+           write_mask: Array | None = None):
+  """One dense target call over `[anchor, drafts]` at each row's own offset.
 
   Args:
     cache: target cache; lengths[b] = position of row b's anchor.
     anchor: int32 `[B]`.
     drafts: int32 `[B, P]`.
+    write_mask: bool `[B]` rows whose K/V are written (finished rows are not).
 
   Returns:
     (logits float32 `[B, P+1, V]`, taps `[B, P+1, C]` or None, cache with K/V written).
   """
   tokens = jnp.concatenate([anchor[:, None], drafts], axis=1)
   positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-  out = target_model(tokens, positions, cache=cache, taps=taps)
+  out = target_model(tokens, positions, cache=cache, taps=taps, write_mask=write_mask)
   return out.logits, out.taps, out.cache
 
 
+def pack_tokens(tokens: Array, verify_len: Array, live: Array, budget: int):
+  """Flat coordinates of the verified tokens `[a, x_1..x_l]` of every live row.
+
+  Args:
+    tokens: int32 `[B, W]` dense verify tokens (W = P + 1).
+    verify_len: int32 `[B]` drafts verified per row.
+    live: bool `[B]`.
+    budget: static N >= the number of verified tokens.
+
+  Returns:
+    (flat tokens int32 `[N]`, Pack-ready rows `[N]`, cols `[N]`, dense valid `[B, W]`)
+  """
+  b, w = tokens.shape
+  valid = (jnp.arange(w)[None, :] <= verify_len[:, None]) & live[:, None]
+  flat_index = jnp.cumsum(valid.reshape(-1)) - 1  # position of each valid slot in the pack
+  dest = jnp.where(valid.reshape(-1), flat_index, budget)  # invalid -> dropped
+  rows = jnp.full((budget,), b, jnp.int32).at[dest].set(
+      jnp.repeat(jnp.arange(b, dtype=jnp.int32), w), mode="drop")
+  cols = jnp.zeros((budget,), jnp.int32).at[dest].set(
+      jnp.tile(jnp.arange(w, dtype=jnp.int32), b), mode="drop")
+  flat = jnp.zeros((budget,), jnp.int32).at[dest].set(tokens.reshape(-1), mode="drop")
+  return flat, rows, cols, valid
+
+
+def verify_packed(target_model, cache: KVCache, anchor: Array, drafts: Array, verify_len: Array,
+                  live: Array, taps, budgets: tuple[int, ...]):
+  """`verify` that computes only the scheduled tokens, in the smallest fitting budget.
+
+  The tokens `[a, x_1..x_l]` of the live rows are packed into a flat batch of the smallest
+  of `budgets` (static, ascending; the last must hold B * (P + 1)) that fits, chosen on
+  device with `lax.switch`; one program per budget is compiled into the loop.
+
+  Returns:
+    as `verify`: dense `[B, P+1, ...]` logits and taps; slots beyond `l` hold zeros.
+  """
+  tokens = jnp.concatenate([anchor[:, None], drafts], axis=1)
+  b, w = tokens.shape
+  need = jnp.sum(jnp.where(live, verify_len + 1, 0))
+  index = jnp.sum(need > jnp.asarray(budgets[:-1], jnp.int32)) if len(budgets) > 1 else 0
+
+  def run(budget, cache):
+    flat, rows, cols, valid = pack_tokens(tokens, verify_len, live, budget)
+    pack = Pack(rows=rows, cols=cols, start=cache.lengths, valid=valid)
+    pos = pack.to_flat(pack.positions)[0]
+    out = target_model(flat[None], pos[None], cache=cache, taps=taps, pack=pack)
+    logits = pack.to_dense(out.logits)
+    tap = None if out.taps is None else pack.to_dense(out.taps)
+    return logits, tap, out.cache
+
+  branches = [functools.partial(run, n) for n in budgets]
+  return jax.lax.switch(index, branches, cache)
+
+
+def token_budgets(batch: int, num_draft: int, count: int = 4) -> tuple[int, ...]:
+  """Default verify-token buckets for B rows and block P: B, then evenly up to B(P+1)."""
+  top = batch * (num_draft + 1)
+  picks = {batch, top}
+  for i in range(1, count - 1):
+    picks.add(batch + (top - batch) * i // (count - 1))
+  return tuple(sorted(picks))
+
+
+# ---------------------------------------------------------------------------------------------
+# accept
+# ---------------------------------------------------------------------------------------------
 def accept(target_logits: Array, proposal: Proposal, verify_len: Array, keys_accept: Array,
            keys_sample: Array, params: sampling.SamplingParams) -> tuple[Array, Array]:
   """Exact speculative sampling (Leviathan et al.; chain verification).
@@ -120,207 +180,155 @@ def accept(target_logits: Array, proposal: Proposal, verify_len: Array, keys_acc
 ACCEPT_RULES = {"exact": accept}
 
 
-def committed_tokens(drafts: Array, n_acc: Array, next_token: Array,
-                     stop_tokens: Array) -> tuple[Array, Array, Array]:
-  """Tokens a round commits: `[x_1..x_n, next]`, cut after an accepted stop token.
-
-  Returns:
-    (tokens `[B, P+1]`, n_commit `[B]`, hit_stop bool `[B]`)
-  """
-  b, p = drafts.shape
-  slot = jnp.arange(p + 1)[None, :]
-  padded = jnp.concatenate([drafts, next_token[:, None]], axis=1)
-  tokens = jnp.where(slot < n_acc[:, None], padded, next_token[:, None])
-  n_commit = n_acc + 1
-  stop = loop_lib.is_stop(tokens, stop_tokens) & (slot < n_commit[:, None])
-  first_stop = jnp.argmax(stop, axis=1)
-  hit = jnp.any(stop, axis=1)
-  return tokens, jnp.where(hit, first_stop + 1, n_commit), hit
+# ---------------------------------------------------------------------------------------------
+# schedule
+# ---------------------------------------------------------------------------------------------
+def schedule(scheduler, prop: Proposal, stale: Array, live: Array, cap: Array) -> Array:
+  """Verify lengths `[B]` in `[0, cap]` for live rows (0 for finished ones)."""
+  p = prop.tokens.shape[1]
+  if scheduler is None or scheduler.policy == "fixed":
+    ell = jnp.full(live.shape, p, jnp.int32)
+  else:
+    ell = scheduler(prop.confidence, stale=stale, live=live)
+  return jnp.where(live, jnp.clip(jnp.minimum(ell, cap), 0, p), 0).astype(jnp.int32)
 
 
 # ---------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class SpecState:
-  """Loop carry.
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+  """Static settings of a speculative loop (hashable: part of the compilation key).
 
   Attributes:
-    cache: target cache (lengths = committed tokens, the anchor excluded).
-    draft_state: the draft runtime's state (context cache, ...).
-    anchor: int32 `[B]`.
-    out, num_out, done: as in plain decoding.
-    round: int32 scalar.
-    accept_lens: int32 `[B, R]` tokens committed per round (0 = no round).
-    verify_lens: int32 `[B, R]` drafts verified per round.
-    pos_hits / pos_tries: int32 `[B, P]` accepted / verified counts per draft position,
-      where a position counts as tried only if every earlier position was accepted.
+    runtime: the draft algorithm's runtime (static methods).
+    num_draft: P, drafts per round.
+    budgets: verify-token buckets for packed verification, or () for dense verify.
+    accept_fn: the acceptance rule.
   """
 
-  cache: KVCache
-  draft_state: Any
-  anchor: Array
-  out: Array
-  num_out: Array
-  done: Array
-  round: Array
-  accept_lens: Array
-  verify_lens: Array
-  pos_hits: Array
-  pos_tries: Array
-
-
-def spec_generate_impl(tgraph, tparams, dgraph, dparams, runtime, batch: loop_lib.Batch,
-                       cache: KVCache, draft_state, seed_key, params, verify_len: Array, *,
-                       max_steps: int, num_draft: int, scheduler=None, accept_fn=accept):
-  """Prefill + draft-verify rounds on device (called inside `jax.jit`)."""
-  tmodel = nnx.merge(tgraph, tparams)
-  draft = nnx.merge(dgraph, dparams)
-  b = batch.lengths.shape[0]
-  p = num_draft
-  taps = runtime.target_taps(draft)
-  cache, logits, prompt_taps = loop_lib.prefill(tmodel, batch, cache, taps)
-  keys = sampling.row_keys(seed_key, batch.request_ids, jnp.int32(0), sampling.TAG_SAMPLE)
-  first = sampling.sample(keys, logits, params)
-  draft_state = runtime.prefill(draft, tmodel, draft_state, prompt_taps, batch, first)
-  out = jnp.full((b, max_steps + p + 1), -1, jnp.int32).at[:, 0].set(first)
-  num_out = jnp.ones((b,), jnp.int32)
-  done = loop_lib.is_stop(first, batch.stop_tokens) | (num_out >= batch.max_new)
-  zeros_r = jnp.zeros((b, max_steps), jnp.int32)
-  state = SpecState(cache=cache, draft_state=draft_state, anchor=first, out=out, num_out=num_out,
-                    done=done, round=jnp.int32(0), accept_lens=zeros_r, verify_lens=zeros_r,
-                    pos_hits=jnp.zeros((b, p), jnp.int32), pos_tries=jnp.zeros((b, p), jnp.int32))
-
-  def cond(s: SpecState):
-    return (s.round < max_steps) & ~jnp.all(s.done)
-
-  def body(s: SpecState):
-    step = s.round + 1  # step 0 was the prefill sample
-    k_draft = sampling.row_keys(seed_key, batch.request_ids, step, sampling.TAG_DRAFT)
-    k_acc = sampling.row_keys(seed_key, batch.request_ids, step, sampling.TAG_ACCEPT)
-    k_samp = sampling.row_keys(seed_key, batch.request_ids, step, sampling.TAG_SAMPLE)
-    prop = runtime.propose(draft, tmodel, s.draft_state, s.anchor, s.cache.lengths, k_draft,
-                           params, p)
-    ell = verify_len if scheduler is None else scheduler(prop, verify_len)
-    ell = jnp.clip(ell, 0, p)
-    t_logits, v_taps, cache = verify(tmodel, s.cache, s.anchor, prop.tokens, taps)
-    n_acc, nxt = accept_fn(t_logits, prop, ell, k_acc, k_samp, params)
-    tokens, n_commit, hit_stop = committed_tokens(prop.tokens, n_acc, nxt, batch.stop_tokens)
-    live = ~s.done
-    room = batch.max_new - s.num_out
-    n_rec = jnp.minimum(n_commit, room)
-    out = loop_lib._record(s.out, s.num_out, s.done, tokens, n_rec)
-    num_out = s.num_out + jnp.where(live, n_rec, 0)
-    done = s.done | (live & (hit_stop | (num_out >= batch.max_new)))
-    new_len = s.cache.lengths + jnp.where(live, n_acc + 1, 0)
-    cache = cache.commit(new_len)
-    verify_tokens = jnp.concatenate([s.anchor[:, None], prop.tokens], axis=1)
-    dstate = runtime.commit(draft, tmodel, s.draft_state, v_taps, verify_tokens, n_acc, nxt,
-                            s.cache.lengths, new_len)
-    slot = jnp.arange(p)[None, :]
-    hits = live[:, None] & (slot < n_acc[:, None])
-    tries = live[:, None] & (slot <= n_acc[:, None]) & (slot < ell[:, None])
-    r = s.round
-    return SpecState(
-        cache=cache, draft_state=dstate, anchor=jnp.where(live, nxt, s.anchor), out=out,
-        num_out=num_out, done=done, round=r + 1,
-        accept_lens=s.accept_lens.at[:, r].set(jnp.where(live, n_commit, 0)),
-        verify_lens=s.verify_lens.at[:, r].set(jnp.where(live, ell, 0)),
-        pos_hits=s.pos_hits + hits, pos_tries=s.pos_tries + tries)
-
-  state = jax.lax.while_loop(cond, body, state)
-  return dict(out=state.out, num_out=state.num_out, rounds=state.round,
-              accept_lens=state.accept_lens, verify_lens=state.verify_lens,
-              pos_hits=state.pos_hits, pos_tries=state.pos_tries), state.cache, state.draft_state
-
-
-@functools.partial(jax.jit, static_argnames=("tgraph", "dgraph", "runtime", "max_steps",
-                                             "num_draft", "scheduler", "accept_fn"),
-                   donate_argnames=("cache", "draft_state"))
-def spec_generate(tgraph, tparams, dgraph, dparams, runtime, batch, cache, draft_state, seed_key,
-                  params, verify_len, *, max_steps: int, num_draft: int, scheduler=None,
-                  accept_fn=accept):
-  """Jitted speculative generation of one batch; one compilation per (bucket, P)."""
-  loop_lib._count_trace("spec_generate")
-  return spec_generate_impl(tgraph, tparams, dgraph, dparams, runtime, batch, cache, draft_state,
-                            seed_key, params, verify_len, max_steps=max_steps,
-                            num_draft=num_draft, scheduler=scheduler, accept_fn=accept_fn)
-
-
-# ---------------------------------------------------------------------------------------------
-# host-side glue used by `generation.generate`
-# ---------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class SpecBatchResult:
-  out: np.ndarray
-  num_out: np.ndarray
-  rounds: np.ndarray
-  accept_lengths: list[list[int]]
-  verify_lengths: list[list[int]]
-  pos_hits: np.ndarray
-  pos_tries: np.ndarray
-
-  def position_counts(self, nrows: int):
-    return self.pos_hits[:nrows].sum(0), self.pos_tries[:nrows].sum(0)
-
-
-@dataclasses.dataclass
-class SpecSetup:
-  """Validated speculative settings for one `generate` call."""
-
-  block: int  # P used per round
-  verify_lengths: list[int]
   runtime: Any
+  num_draft: int
+  budgets: tuple[int, ...] = ()
   accept_fn: Any = accept
 
-  @classmethod
-  def make(cls, target, draft, num_draft_tokens, verify_lengths, n,
-           acceptance: str = "exact") -> "SpecSetup":
-    if acceptance not in ACCEPT_RULES:
-      raise ValueError(f"unknown acceptance rule {acceptance!r}; known: {sorted(ACCEPT_RULES)}")
-    dcfg = draft.config
-    dcfg.check_target(target.config)
-    p = dcfg.block_size if num_draft_tokens is None else int(num_draft_tokens)
-    dcfg.check_block(p)
-    if verify_lengths is None:
-      ver = [p] * n
-    else:
-      ver = [int(v) for v in (verify_lengths if isinstance(verify_lengths, (list, tuple))
-                              else [verify_lengths] * n)]
-      if len(ver) != n or any(not 0 <= v <= p for v in ver):
-        raise ValueError(f"verify_lengths must be {n} values in [0, {p}]")
-    return cls(block=p, verify_lengths=ver, runtime=draft.runtime,
-               accept_fn=ACCEPT_RULES[acceptance])
 
-  @property
-  def extra_capacity(self) -> int:
-    return self.block + 1  # verify writes up to P+1 slots past the committed length
+def spec_init(tmodel, draft, loop: LoopSpec, batch: Batch, cache: KVCache, draft_state,
+              seed_key, params, *, out_len: int, max_rounds: int) -> SpecState:
+  """Prefill of target and draft, the first token, and an empty round record."""
+  b = batch.lengths.shape[0]
+  p = loop.num_draft
+  taps = loop.runtime.target_taps(draft)
+  cache, logits, prompt_taps = prefill(tmodel, batch, cache, taps)
+  first, done = first_token(logits, batch, seed_key, params)
+  draft_state = loop.runtime.prefill(draft, tmodel, draft_state, prompt_taps, batch, first)
+  zeros_r = jnp.zeros((b, max_rounds), jnp.int32)
+  return SpecState(
+      cache=cache, draft_state=draft_state, rows=Rows.of(batch), anchor=first,
+      out=jnp.full((b, out_len), -1, jnp.int32).at[:, 0].set(first),
+      num_out=jnp.ones((b,), jnp.int32), done=done, steps=jnp.zeros((b,), jnp.int32),
+      accept_lens=zeros_r, verify_lens=zeros_r, proposed=jnp.zeros((b, max_rounds), bool),
+      confidence=jnp.zeros((b, max_rounds, p), jnp.float32),
+      stale=jnp.full((b, p), -jnp.inf, jnp.float32), since_probe=jnp.int32(1 << 20),
+      pos_hits=jnp.zeros((b, p), jnp.int32), pos_tries=jnp.zeros((b, p), jnp.int32))
 
-  def run(self, target, draft, batch, rows, seed_key, params, tp, steps) -> SpecBatchResult:
-    from dspark_jax import generation  # cache pool helpers
-    b = batch.lengths.shape[0]
-    capacity = tp + steps + self.extra_capacity
-    cache = generation._get_cache(target, b, capacity)
-    pool = target.__dict__.setdefault("_cache_pool", {})
-    dkey = ("draft", draft.algorithm, id(draft.graphdef), b, capacity)
-    dstate = pool.pop(dkey, None)
-    if dstate is None:
-      dstate = jax.device_put(self.runtime.init_state(draft.config, b, capacity, draft.dtype),
-                              sharding_lib.replicated(target.mesh))
-    ver = np.zeros((b,), np.int32)
-    for j, i in enumerate(rows):
-      ver[j] = self.verify_lengths[i]
-    res, cache, dstate = spec_generate(target.graphdef, target.params, draft.graphdef, draft.params,
-                                  self.runtime, batch, cache, dstate, seed_key, params,
-                                  jnp.asarray(ver), max_steps=steps, num_draft=self.block,
-                                  accept_fn=self.accept_fn)
-    res = jax.device_get(res)
-    generation._return_cache(target, cache)
-    pool[dkey] = dstate
-    nrounds = np.asarray(res["accept_lens"] > 0).sum(1)
-    acc = [[int(x) for x in res["accept_lens"][j, :nrounds[j]]] for j in range(b)]
-    vl = [[int(x) for x in res["verify_lens"][j, :nrounds[j]]] for j in range(b)]
-    return SpecBatchResult(out=res["out"], num_out=res["num_out"], rounds=nrounds,
-                           accept_lengths=acc, verify_lengths=vl, pos_hits=res["pos_hits"],
-                           pos_tries=res["pos_tries"])
+
+def spec_round(tmodel, draft, loop: LoopSpec, s: SpecState, seed_key, params, scheduler,
+               verify_cap: Array) -> SpecState:
+  """One round for every live row."""
+  runtime, p = loop.runtime, loop.num_draft
+  live = ~s.done
+  step = s.steps + 1  # step 0 was the prefill sample
+  rid = s.rows.request_ids
+  k_draft = sampling.row_keys(seed_key, rid, step, sampling.TAG_DRAFT)
+  k_acc = sampling.row_keys(seed_key, rid, step, sampling.TAG_ACCEPT)
+  k_samp = sampling.row_keys(seed_key, rid, step, sampling.TAG_SAMPLE)
+
+  def propose():
+    return runtime.propose(draft, tmodel, s.draft_state, s.anchor, s.cache.lengths, k_draft,
+                           params, p)
+
+  shapes = jax.eval_shape(propose)
+  if scheduler is None or shapes.confidence is None:  # nothing to judge a skip by
+    do_propose = jnp.asarray(True)
+    prop = propose()
+  else:
+    # Decided from past rounds only; a skipped round verifies just the anchor (l = 0).
+    do_propose = scheduler.wants_proposal(s.stale, live, s.since_probe)
+    skip = lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    prop = jax.lax.cond(do_propose, propose, skip)
+  ell = schedule(scheduler, prop, s.stale, live, verify_cap)
+  ell = jnp.where(do_propose, ell, 0)
+  taps = runtime.target_taps(draft)
+  if loop.budgets:
+    t_logits, v_taps, cache = verify_packed(tmodel, s.cache, s.anchor, prop.tokens, ell, live,
+                                            taps, loop.budgets)
+  else:
+    t_logits, v_taps, cache = verify(tmodel, s.cache, s.anchor, prop.tokens, taps, live)
+  n_acc, nxt = loop.accept_fn(t_logits, prop, ell, k_acc, k_samp, params)
+  tokens, n_commit, hit_stop = commit_lib.round_tokens(prop.tokens, n_acc, nxt,
+                                                       s.rows.stop_tokens)
+  out, num_out, done, _ = commit_lib.advance(s.out, s.num_out, s.done, tokens, n_commit,
+                                             hit_stop, s.rows.max_new)
+  new_len = s.cache.lengths + jnp.where(live, n_acc + 1, 0)
+  verify_tokens = jnp.concatenate([s.anchor[:, None], prop.tokens], axis=1)
+  dstate = runtime.commit(draft, tmodel, s.draft_state, v_taps, verify_tokens, n_acc, nxt,
+                          s.cache.lengths, new_len)
+  slot = jnp.arange(p)[None, :]
+  hits = live[:, None] & (slot < n_acc[:, None])
+  tries = live[:, None] & (slot <= n_acc[:, None]) & (slot < ell[:, None])
+  rows = jnp.arange(live.shape[0])
+  r = jnp.where(live, s.steps, s.accept_lens.shape[1])  # finished rows record nothing
+  conf = (prop.confidence if prop.confidence is not None
+          else jnp.zeros(prop.tokens.shape, jnp.float32))
+  fresh = live & do_propose
+  return SpecState(
+      cache=cache.commit(new_len), draft_state=dstate, rows=s.rows,
+      anchor=jnp.where(live, nxt, s.anchor), out=out, num_out=num_out, done=done,
+      steps=s.steps + live,
+      accept_lens=s.accept_lens.at[rows, r].set(n_commit, mode="drop"),
+      verify_lens=s.verify_lens.at[rows, r].set(ell, mode="drop"),
+      proposed=s.proposed.at[rows, r].set(do_propose, mode="drop"),
+      confidence=s.confidence.at[rows, r].set(conf, mode="drop"),
+      stale=jnp.where(fresh[:, None], conf, s.stale),
+      since_probe=jnp.where(do_propose, 0, s.since_probe + 1),
+      pos_hits=s.pos_hits + hits, pos_tries=s.pos_tries + tries)
+
+
+def spec_rounds(tmodel, draft, loop: LoopSpec, state: SpecState, seed_key, params, scheduler,
+                verify_cap: Array, num_rounds) -> SpecState:
+  """Up to `num_rounds` rounds (fewer once every row is done or its record is full)."""
+  limit = state.accept_lens.shape[1]
+
+  def cond(c):
+    i, s = c
+    return (i < num_rounds) & ~jnp.all(s.done | (s.steps >= limit))
+
+  def body(c):
+    i, s = c
+    return i + 1, spec_round(tmodel, draft, loop, s, seed_key, params, scheduler, verify_cap)
+
+  return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
+
+
+@functools.partial(jax.jit, static_argnames=("tgraph", "dgraph", "loop", "max_steps"),
+                   donate_argnames=("cache", "draft_state"))
+def spec_generate(tgraph, tparams, dgraph, dparams, batch: Batch, cache: KVCache, draft_state,
+                  seed_key, params, verify_cap: Array, scheduler=None, *, loop: LoopSpec,
+                  max_steps: int):
+  """Jitted speculative generation of one batch: prefill + all rounds in one program.
+
+  One compilation per (bucket, loop spec, scheduler policy); the scheduler's tables are
+  arguments, so new SPS tables or temperatures do not recompile.
+
+  Returns:
+    (final SpecState without its caches' ownership: the caches are returned separately
+     for reuse, the rest is the result record)
+  """
+  count_trace("spec_generate")
+  tmodel = nnx.merge(tgraph, tparams)
+  draft = nnx.merge(dgraph, dparams)
+  state = spec_init(tmodel, draft, loop, batch, cache, draft_state, seed_key, params,
+                    out_len=max_steps + loop.num_draft + 1, max_rounds=max_steps)
+  return spec_rounds(tmodel, draft, loop, state, seed_key, params, scheduler, verify_cap,
+                     max_steps)

@@ -12,6 +12,7 @@ from flax import nnx
 from dspark_jax import sharding as sharding_lib
 from dspark_jax.decoding import sampling
 from dspark_jax.decoding.cache import KVCache
+from dspark_jax.decoding.state import Batch
 from dspark_jax.drafts import parallel
 from dspark_jax.drafts.config import DraftConfig, DraftConfigError, draft_layer_config
 from dspark_jax.typing import Array
@@ -124,19 +125,18 @@ def init_draft(target, algorithm: str = "dspark", *, seed: int = 0, dtype=None,
                                              "num_draft"))
 def _propose_block(tgraph, tparams, dgraph, dparams, runtime, prefix, length, key, params, *,
                    capacity, num_draft):
-  from dspark_jax.decoding import loop as loop_lib
   tmodel = nnx.merge(tgraph, tparams)
   draft = nnx.merge(dgraph, dparams)
   tokens = prefix[None]
   lengths = length[None]
-  batch = loop_lib.Batch(tokens=tokens, lengths=lengths, max_new=jnp.ones((1,), jnp.int32),
+  batch = Batch(tokens=tokens, lengths=lengths, max_new=jnp.ones((1,), jnp.int32),
                          stop_tokens=-jnp.ones((1, 1), jnp.int32),
                          request_ids=jnp.zeros((1,), jnp.int32))
   # Context = everything before the anchor: run the target over the prefix minus its last token.
   ctx_tokens = jnp.where(jnp.arange(tokens.shape[1])[None] < lengths[:, None] - 1, tokens, 0)
   out = tmodel(ctx_tokens, taps=runtime.target_taps(draft), compute_logits=False)
   anchor = jnp.take_along_axis(tokens, (lengths - 1)[:, None], axis=1)[:, 0]
-  ctx_batch = loop_lib.Batch(tokens=ctx_tokens, lengths=lengths - 1, max_new=batch.max_new,
+  ctx_batch = Batch(tokens=ctx_tokens, lengths=lengths - 1, max_new=batch.max_new,
                              stop_tokens=batch.stop_tokens, request_ids=batch.request_ids)
   state = runtime.init_state(draft.dcfg, 1, capacity, tmodel.model.norm.scale.dtype)
   state = runtime.prefill(draft, tmodel, state, out.taps, ctx_batch, anchor)
@@ -159,8 +159,7 @@ def propose_block(target, draft: Draft, prefix_token_ids, *, temperature: float 
   draft.config.check_target(target.config)
   p = draft.config.block_size if num_draft_tokens is None else int(num_draft_tokens)
   draft.config.check_block(p)
-  from dspark_jax.generation import bucket
-  tp = bucket(len(ids))
+  tp = 1 << max(4, (len(ids) - 1).bit_length())  # power-of-two prompt bucket, as generate
   prefix = np.zeros((tp,), np.int32)
   prefix[:len(ids)] = ids
   params = sampling.SamplingParams.make(temperature)

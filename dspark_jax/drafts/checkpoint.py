@@ -14,8 +14,10 @@ original DFlash block (anchor + P masks), `sts_temperatures` for calibrated conf
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +27,7 @@ from flax import nnx
 from dspark_jax.checkpoints import hf as hf_ckpt
 from dspark_jax.checkpoints.safetensors_io import TensorReader, save_tensors
 from dspark_jax.config import FULL, ModelConfig
+from dspark_jax.drafts import sts as sts_lib
 from dspark_jax.drafts.api import Draft, build_module
 from dspark_jax.drafts.config import DraftConfig, DraftConfigError, draft_layer_config
 
@@ -34,7 +37,8 @@ _DRAFT_FIELDS = ("block_size", "mask_token_id", "target_layer_ids", "num_anchors
                  "enable_confidence_head", "confidence_head_with_markov", "markov_rank",
                  "markov_head_type", "num_target_layers", "ttt_length", "step_loss_decay",
                  "draft_num_hidden_layers", "target_model_name_or_path", "target_model_type",
-                 "target_text_model_type", "dflash_layout", "sts_temperatures")
+                 "target_text_model_type", "dflash_layout", "sts_temperatures",
+                 "draft_vocab_size")
 
 
 def _text_config(hf: dict) -> dict:
@@ -87,7 +91,8 @@ def config_from_json(cfg: dict) -> DraftConfig:
       confidence_head=bool(cfg.get("enable_confidence_head", False)) and algorithm == "dspark",
       confidence_with_markov=bool(cfg.get("confidence_head_with_markov", True)),
       anchor_first=cfg.get("dflash_layout", "anchor_first") != "original",
-      sts_temperatures=tuple(sts) if sts else None)
+      sts_temperatures=tuple(sts) if sts else None,
+      draft_vocab_size=int(cfg.get("draft_vocab_size", 0) or 0))
 
 
 def config_to_json(draft: Draft, target_hf: dict, target_cfg: ModelConfig | None = None,
@@ -128,6 +133,8 @@ def config_to_json(draft: Draft, target_hf: dict, target_cfg: ModelConfig | None
       cfg["dflash_layout"] = "original"
   if d.sts_temperatures is not None:
     cfg["sts_temperatures"] = list(d.sts_temperatures)
+  if d.draft_vocab_size:  # the ids themselves are the `draft_vocab` tensor
+    cfg["draft_vocab_size"] = d.draft_vocab_size
   return cfg
 
 
@@ -166,6 +173,7 @@ def save_draft(draft: Draft, path: str | os.PathLike, *, target=None, dtype: str
   save_tensors(tensors, tmp)
   with open(os.path.join(tmp, "config.json"), "w") as f:
     json.dump(cfg, f, indent=2, sort_keys=True)
+  _carry_sts(draft, path, tmp)
   if os.path.exists(path):
     import shutil
     shutil.rmtree(path)
@@ -173,21 +181,50 @@ def save_draft(draft: Draft, path: str | os.PathLike, *, target=None, dtype: str
   return path
 
 
+def _carry_sts(draft: Draft, path: str, tmp: str) -> None:
+  """Copies `sts.json` (and `reliability.png`) into the new directory `tmp` when the file still
+  holds the draft's temperatures, so re-saving a calibrated draft keeps its calibration record
+  (`save_draft` replaces the whole directory). config.json carries the temperatures anyway."""
+  temps = draft.config.sts_temperatures
+  if temps is None:
+    return
+  for src in dict.fromkeys(filter(None, (getattr(draft, "path", None), path))):
+    try:
+      found = sts_lib.read_sts(src) if os.path.isdir(src) else None
+    except ValueError:
+      continue  # a malformed record is not carried over
+    if found is not None and np.allclose(found, temps, rtol=0, atol=1e-12):
+      for name in (sts_lib.STS_FILE, "reliability.png"):
+        if os.path.exists(os.path.join(src, name)):
+          shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+      return
+
+
 def load_draft(path: str | os.PathLike, target, *, dtype=None) -> Draft:
   """Reads a DeepSpec (or dspark_jax) draft directory for `target`.
 
+  `path="demo"` loads the committed demo draft of the embedded demo target
+  (`dspark_jax/assets/drafts/`, see `dspark_jax.demo.DEMO_DRAFTS`).
+
   Raises:
+    ValueError: `path="demo"` for a target that has no demo draft.
     DraftConfigError: unknown algorithm/architecture, vocab/hidden mismatch with the target,
       tapped layer ids out of range, or a trained-for-another-depth target.
     CheckpointMismatchError: missing/unexpected/mis-shaped tensors (all named).
   """
-  path = os.fspath(path)
+  path = resolve_draft_path(path, target)
   cfg_path = os.path.join(path, "config.json")
   if not os.path.exists(cfg_path):
     raise FileNotFoundError(f"no config.json in draft directory {path!r}")
   with open(cfg_path) as f:
     cfg = json.load(f)
   dcfg = config_from_json(cfg)
+  temps = sts_lib.read_sts(path)  # `python -m dspark_jax.calibrate`; wins over config.json
+  if temps is not None:
+    if len(temps) != dcfg.block_size:
+      raise DraftConfigError(f"{sts_lib.sts_path(path)} has {len(temps)} temperatures; the "
+                             f"draft's block_size is {dcfg.block_size}")
+    dcfg = dataclasses.replace(dcfg, sts_temperatures=temps)
   dcfg.check_target(target.config)
   ntl = cfg.get("num_target_layers")
   if ntl is not None and int(ntl) != target.config.num_layers:
@@ -217,23 +254,15 @@ def load_draft(path: str | os.PathLike, target, *, dtype=None) -> Draft:
   return draft
 
 
-DEMO_DRAFTS = {"smollm2-135m-instruct": "smollm2-135m-instruct-dspark"}
+def resolve_draft_path(path: str | os.PathLike, target) -> str:
+  """`"demo"` -> the committed demo draft of the demo target; otherwise `path` itself.
 
-
-def demo_draft_dir(name: str) -> str:
-  import dspark_jax
-  return os.path.join(os.path.dirname(dspark_jax.__file__), "assets", "drafts", name)
-
-
-def resolve_draft_path(path: str, target) -> str:
-  """`"demo"` -> the committed demo draft of the demo target; otherwise a directory."""
+  Raises:
+    ValueError: "demo" for a target without a demo draft (a one-line message naming those
+      that have one).
+  """
+  path = os.fspath(path)
   if path == "demo":
-    name = os.path.basename(os.path.normpath(target.path or ""))
-    if name not in DEMO_DRAFTS:
-      raise ValueError(f"draft='demo' is only available for the demo target(s) "
-                       f"{sorted(DEMO_DRAFTS)}; this target is {target.path!r}. Pass a draft "
-                       "directory or --config.draft= (empty) for plain decoding")
-    path = demo_draft_dir(DEMO_DRAFTS[name])
-    if not os.path.exists(os.path.join(path, "config.json")):
-      raise FileNotFoundError(f"the demo draft is missing from {path}")
+    from dspark_jax import demo  # lazy: the demo package is not part of the library proper
+    return demo.demo_draft_dir(target)
   return path

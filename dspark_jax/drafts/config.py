@@ -30,6 +30,10 @@ class DraftConfig:
     anchor_first: DSpark/DeepSpec layout (anchor is the first prediction slot); False is the
       original DFlash layout (anchor + P mask slots, predictions at the masks).
     sts_temperatures: per-position STS temperatures for the confidence logits, or None.
+    draft_vocab_size: N > 0 restricts proposals to N target tokens (the module's
+      `draft_vocab` ids, saved as the `draft_vocab` tensor of the checkpoint): the draft's LM
+      head and sampler run over N instead of V columns and q = 0 outside them, which exact
+      rejection sampling handles, so decoding stays lossless. 0 = the full vocabulary.
   """
 
   algorithm: str
@@ -43,6 +47,7 @@ class DraftConfig:
   confidence_with_markov: bool = True
   anchor_first: bool = True
   sts_temperatures: tuple[float, ...] | None = None
+  draft_vocab_size: int = 0
 
   def __post_init__(self):
     if self.algorithm not in ALGORITHMS:
@@ -60,6 +65,9 @@ class DraftConfig:
                              f"of {HEAD_TYPES}")
     if self.markov_rank < 0:
       raise DraftConfigError("markov_rank must be >= 0")
+    if not 0 <= self.draft_vocab_size <= self.layer.vocab_size:
+      raise DraftConfigError(f"draft_vocab_size must be in [0, {self.layer.vocab_size}], got "
+                             f"{self.draft_vocab_size}")
     if self.sts_temperatures is not None and len(self.sts_temperatures) != self.block_size:
       raise DraftConfigError(f"sts_temperatures needs {self.block_size} entries")
 

@@ -22,10 +22,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.decoding import sampling
-from dspark_jax.decoding.cache import KVCache, write_rows
-from dspark_jax.decoding.speculative import Proposal
+from dspark_jax.decoding.cache import KVCache
+from dspark_jax.decoding.state import Proposal
 from dspark_jax.drafts.config import DraftConfig
-from dspark_jax.models import attention as attn_lib
 from dspark_jax.models import layers
 from dspark_jax.models import rope as rope_lib
 from dspark_jax.models.transformer import DecoderLayer
@@ -37,9 +36,7 @@ class Eagle3Layer(DecoderLayer):
 
   def __init__(self, cfg, layer: int, *, dtype, rngs: nnx.Rngs):
     super().__init__(cfg, layer, dtype=dtype, rngs=rngs, attn_in_dim=2 * cfg.hidden_size)
-    self.hidden_norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
-                                      offset=cfg.norm_offset, dtype=dtype,
-                                      cast_first=cfg.family in ("llama", "qwen3"))
+    self.hidden_norm = layers.RMSNorm(cfg.hidden_size, **cfg.norm_kwargs(dtype))
 
   def eagle(self, h: Array, e: Array, cos: Array, sin: Array, attn_fn) -> Array:
     x = jnp.concatenate([self.input_layernorm(e), self.hidden_norm(h)], axis=-1)
@@ -56,8 +53,7 @@ class Eagle3Draft(nnx.Module):
     self.layers = nnx.List([Eagle3Layer(lc, 0, dtype=dtype, rngs=rngs)] +
                            [DecoderLayer(lc, i, dtype=dtype, rngs=rngs)
                             for i in range(1, lc.num_layers)])
-    self.norm = layers.RMSNorm(lc.hidden_size, eps=lc.rms_norm_eps, offset=lc.norm_offset,
-                               dtype=dtype, cast_first=lc.family in ("llama", "qwen3"))
+    self.norm = layers.RMSNorm(lc.hidden_size, **lc.norm_kwargs(dtype))
     # Mirrors ParallelDraft's interface for code that inspects heads.
     self.markov_head = None
     self.confidence_head = None
@@ -85,18 +81,16 @@ def cached_forward(draft: Eagle3Draft, cache: KVCache, h: Array, e: Array, posit
   """Runs entries at `positions` (contiguous per row), writing their K/V into `cache` and
   attending causally over it. Returns (output hidden `[B, T, D]`, cache)."""
   start = positions[:, 0]
-  mask = attn_lib.causal_mask(positions, jnp.arange(cache.capacity, dtype=jnp.int32))
-  ks, vs = list(cache.k), list(cache.v)
+  carry = {"cache": cache}
 
   def make_fn(i):
     def fn(att, q, k_new, v_new):
-      ks[i] = write_rows(ks[i], k_new, start)
-      vs[i] = write_rows(vs[i], v_new, start)
-      return att.attention(q, ks[i], vs[i], mask)
+      carry["cache"] = carry["cache"].write(i, k_new, v_new, start)
+      return att.attend(q, carry["cache"].segment(i), q_positions=positions)
     return fn
 
   out = draft.forward(h, e, positions, [make_fn(i) for i in range(len(draft.layers))])
-  return out, KVCache(tuple(ks), tuple(vs), cache.lengths)
+  return out, carry["cache"]
 
 
 def _next_tokens(tokens: Array, lengths: Array, last: Array) -> Array:

@@ -22,14 +22,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dspark_jax.decoding.cache import KVCache, write_rows
+from dspark_jax.decoding.cache import KVCache
 from dspark_jax.drafts import heads as heads_lib
 from dspark_jax.drafts.config import DraftConfig
-from dspark_jax.models import attention as attn_lib
 from dspark_jax.models import layers
 from dspark_jax.models import rope as rope_lib
 from dspark_jax.models.transformer import DecoderLayer
 from dspark_jax.typing import Array
+from kernels import attention as attn_kernels
 
 
 class ParallelDraft(nnx.Module):
@@ -40,8 +40,7 @@ class ParallelDraft(nnx.Module):
     lc = dcfg.layer
     d = lc.hidden_size
     self.dcfg = dcfg
-    norm_kw = dict(eps=lc.rms_norm_eps, offset=lc.norm_offset, dtype=dtype,
-                   cast_first=lc.family in ("llama", "qwen3"))
+    norm_kw = lc.norm_kwargs(dtype)
     self.fc = layers.Linear("...C,CD->...D", (dcfg.context_dim, d), (None, "embed"), dtype=dtype,
                             rngs=rngs)
     self.hidden_norm = layers.RMSNorm(d, **norm_kw)
@@ -53,6 +52,9 @@ class ParallelDraft(nnx.Module):
     extra = dcfg.markov_rank if (dcfg.confidence_with_markov and dcfg.markov_rank) else 0
     self.confidence_head = (heads_lib.ConfidenceHead(d + extra, dtype=dtype, rngs=rngs)
                             if dcfg.confidence_head else None)
+    # Target ids the draft may propose (reduced vocabulary), or None for all of them.
+    self.draft_vocab = (layers.Buffer(jnp.arange(dcfg.draft_vocab_size, dtype=jnp.int32))
+                        if dcfg.draft_vocab_size else None)
 
   # ---- pieces shared by inference and training -------------------------------------------
   def context_hidden(self, taps: Array) -> Array:
@@ -87,39 +89,40 @@ def block_tokens(dcfg: DraftConfig, anchor: Array) -> Array:
   return jnp.concatenate([anchor[:, None].astype(jnp.int32), masks], axis=1)
 
 
-def ingest(draft: ParallelDraft, ctx_cache: KVCache, taps: Array, positions: Array) -> KVCache:
-  """Writes the context K/V of `taps` `[B, T, C]` at `positions` `[B, T]` (lengths unchanged)."""
+def ingest(draft: ParallelDraft, ctx_cache: KVCache, taps: Array, positions: Array,
+           valid: Array | None = None) -> KVCache:
+  """Writes the context K/V of `taps` `[B, T, C]` at `positions` `[B, T]` (lengths unchanged;
+  rows with `valid[b] == False` write nothing)."""
   kvs = draft.context_kv(draft.context_hidden(taps), positions)
   start = positions[:, 0]
-  ks = tuple(write_rows(c, k, start) for c, (k, _) in zip(ctx_cache.k, kvs))
-  vs = tuple(write_rows(c, v, start) for c, (_, v) in zip(ctx_cache.v, kvs))
-  return KVCache(ks, vs, ctx_cache.lengths)
+  for i, (k, v) in enumerate(kvs):
+    ctx_cache = ctx_cache.write(i, k, v, start, valid)
+  return ctx_cache
 
 
 def block_hidden(draft: ParallelDraft, embeds: Array, anchor_pos: Array,
                  ctx_cache: KVCache) -> Array:
   """Backbone over a block given the context cache.
 
+  The block attends to the committed context (slots `< ctx_cache.lengths`) and to itself
+  bidirectionally: two key segments merged by log-sum-exp, so the context cache is read in
+  place (no per-round `concat(context, block)` copy).
+
   Args:
     embeds: block input embeddings `[B, Q, D]` (anchor + masks).
     anchor_pos: int32 `[B]`, absolute position of the anchor (= context length).
-    ctx_cache: draft context cache; row b's keys `< ctx_cache.lengths[b]` are visible.
+    ctx_cache: draft context cache.
 
   Returns:
     final-normed hidden `[B, Q, D]`.
   """
-  b, q, _ = embeds.shape
+  q = embeds.shape[1]
   positions = anchor_pos[:, None] + jnp.arange(q, dtype=jnp.int32)[None, :]
-  s = ctx_cache.capacity
-  ctx_visible = jnp.arange(s)[None, :] < ctx_cache.lengths[:, None]  # [B, S]
-  mask = jnp.concatenate([jnp.broadcast_to(ctx_visible[:, None, :], (b, q, s)),
-                          jnp.ones((b, q, q), bool)], axis=2)  # block is bidirectional
 
   def make_fn(i):
     def fn(att, qv, k_blk, v_blk):
-      k = jnp.concatenate([ctx_cache.k[i], k_blk.astype(ctx_cache.k[i].dtype)], axis=1)
-      v = jnp.concatenate([ctx_cache.v[i], v_blk.astype(ctx_cache.v[i].dtype)], axis=1)
-      return att.attention(qv, k, v, mask)
+      ctx = ctx_cache.segment(i, causal=False, visible_lengths=ctx_cache.lengths)
+      return att.attend(qv, ctx, attn_kernels.Block(k_blk, v_blk, group=q))
     return fn
 
   return draft.backbone(embeds, positions, [make_fn(i) for i in range(len(draft.layers))])

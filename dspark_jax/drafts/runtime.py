@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from dspark_jax.decoding import sampling
 from dspark_jax.decoding.cache import KVCache
-from dspark_jax.decoding.speculative import Proposal
+from dspark_jax.decoding.state import Proposal
 from dspark_jax.drafts import parallel
 from dspark_jax.typing import Array
 
@@ -21,17 +21,28 @@ def position_keys(keys: Array, k) -> Array:
   return jax.vmap(lambda key: jax.random.fold_in(key, k))(keys)
 
 
+def to_target_vocab(logits: Array, vocab_ids: Array | None, vocab_size: int) -> Array:
+  """Draft-vocabulary logits `[..., N]` -> target-vocabulary logits `[..., V]` (-inf outside:
+  q = 0 there, which exact rejection sampling handles)."""
+  if vocab_ids is None:
+    return logits
+  full = jnp.full(logits.shape[:-1] + (vocab_size,), -jnp.inf, logits.dtype)
+  return full.at[..., vocab_ids].set(logits)
+
+
 def sequential_sample(markov_head, confidence_head, with_markov: bool, base: Array, hidden: Array,
-                      anchor: Array, keys: Array, params: sampling.SamplingParams) -> Proposal:
+                      anchor: Array, keys: Array, params: sampling.SamplingParams,
+                      vocab_ids: Array | None = None) -> Proposal:
   """Samples the block left to right through the sequential head.
 
   Z_k = U_k + B_k(x_{k-1}) with x_{-1} = the anchor; x_k ~ softmax(process(Z_k)).
 
   Args:
-    base: U, float32 `[B, P, V]`.
+    base: U, float32 `[B, P, V]` (`[B, P, N]` over a draft vocabulary).
     hidden: backbone hidden `[B, P, D]`.
     anchor: int32 `[B]`.
     keys: `[B]` draft keys of this round.
+    vocab_ids: int32 `[N]` target ids of a reduced draft vocabulary, or None.
   """
   b = anchor.shape[0]
 
@@ -39,8 +50,10 @@ def sequential_sample(markov_head, confidence_head, with_markov: bool, base: Arr
     prev, st = carry
     u_k, h_k, k = xs
     bias, e, st = markov_head.step(h_k, prev, st)
-    z = u_k + bias
+    z = u_k + (bias if vocab_ids is None else jnp.take(bias, vocab_ids, axis=-1))
     tok = sampling.sample(position_keys(keys, k), z, params)
+    if vocab_ids is not None:
+      tok = vocab_ids[tok]
     conf = (confidence_head(h_k, e if with_markov else None) if confidence_head is not None
             else jnp.zeros((b,), jnp.float32))
     return (tok, st), (tok, z, conf)
@@ -49,18 +62,24 @@ def sequential_sample(markov_head, confidence_head, with_markov: bool, base: Arr
   init = (anchor.astype(jnp.int32), markov_head.init_state(b, hidden.dtype))
   xs = (jnp.swapaxes(base, 0, 1), jnp.swapaxes(hidden, 0, 1), jnp.arange(p))
   _, (toks, z, conf) = jax.lax.scan(step, init, xs)
-  return Proposal(tokens=jnp.swapaxes(toks, 0, 1), logits=jnp.swapaxes(z, 0, 1),
+  vocab = markov_head.markov_w1.embedding.shape[0]
+  return Proposal(tokens=jnp.swapaxes(toks, 0, 1),
+                  logits=to_target_vocab(jnp.swapaxes(z, 0, 1), vocab_ids, vocab),
                   confidence=jnp.swapaxes(conf, 0, 1) if confidence_head is not None else None)
 
 
 def parallel_sample(confidence_head, base: Array, hidden: Array, keys: Array,
-                    params: sampling.SamplingParams) -> Proposal:
+                    params: sampling.SamplingParams, vocab_ids: Array | None = None,
+                    vocab_size: int = 0) -> Proposal:
   """No sequential head (DFlash): every position sampled independently from U_k."""
   p = base.shape[1]
   toks = jnp.stack([sampling.sample(position_keys(keys, k), base[:, k], params)
                     for k in range(p)], axis=1)
+  if vocab_ids is not None:
+    toks = vocab_ids[toks]
   conf = confidence_head(hidden, None) if confidence_head is not None else None
-  return Proposal(tokens=toks, logits=base, confidence=conf)
+  return Proposal(tokens=toks, logits=to_target_vocab(base, vocab_ids, vocab_size),
+                  confidence=conf)
 
 
 class ParallelRuntime:
@@ -88,11 +107,13 @@ class ParallelRuntime:
     embeds = tmodel.embed(parallel.block_tokens(dcfg, anchor))
     h = parallel.block_hidden(draft, embeds, anchor_pos, ctx)
     h = (h if dcfg.anchor_first else h[:, 1:])[:, :num_draft]
-    base = tmodel.logits_from_hidden(h)
+    ids = None if draft.draft_vocab is None else draft.draft_vocab[...]
+    base = tmodel.logits_from_hidden(h, ids)
     if draft.markov_head is None:
-      return parallel_sample(draft.confidence_head, base, h, keys, params)
+      return parallel_sample(draft.confidence_head, base, h, keys, params, ids,
+                             tmodel.cfg.vocab_size)
     return sequential_sample(draft.markov_head, draft.confidence_head, dcfg.confidence_with_markov,
-                             base, h, anchor, keys, params)
+                             base, h, anchor, keys, params, ids)
 
   @staticmethod
   def commit(draft, tmodel, ctx: KVCache, verify_taps: Array, verify_tokens: Array, n_acc: Array,

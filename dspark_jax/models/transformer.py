@@ -26,11 +26,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.config import ModelConfig
-from dspark_jax.decoding.cache import KVCache, write_rows
-from dspark_jax.models import attention as attn_lib
+from dspark_jax.decoding.cache import KVCache
+from dspark_jax.decoding.state import Pack
 from dspark_jax.models import layers
 from dspark_jax.models import rope as rope_lib
 from dspark_jax.typing import Array
+from kernels import attention as attn_kernels
 
 
 class Attention(nnx.Module):
@@ -50,8 +51,7 @@ class Attention(nnx.Module):
     self.scale = cfg.attn_scale
     self.logit_softcap = cfg.attn_logit_softcap
     self.v_norm_on = cfg.v_norm
-    norm_kw = dict(eps=cfg.rms_norm_eps, offset=cfg.norm_offset, dtype=dtype,
-                   cast_first=cfg.family in ("llama", "qwen3"))
+    norm_kw = cfg.norm_kwargs(dtype)
     self.q_proj = layers.Linear("BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "head_dim"),
                                 bias_shape=(n, h) if bias else None,
                                 bias_axes=("heads", "head_dim"), **kw)
@@ -88,10 +88,11 @@ class Attention(nnx.Module):
       v = self.v_norm(v)
     return k, v
 
-  def attention(self, q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """Masked softmax attention with this layer's scale and soft-cap: `[B, T, N, H]`."""
-    return attn_lib.dot_product_attention(q, k, v, mask, scale=self.scale,
-                                          logit_softcap=self.logit_softcap)
+  def attend(self, q: Array, *segments, q_positions: Array | None = None) -> Array:
+    """Attention of `q` `[B, T, N, H]` over key segments (`kernels.attention`) with this
+    layer's scale and soft-cap: `[B, T, N, H]`."""
+    return attn_kernels.attention(q, *segments, q_positions=q_positions, scale=self.scale,
+                                  softcap=self.logit_softcap)
 
 
 # attn_fn(attn_module, q, k_new, v_new) -> attention output `[B, T, N, H]` (before o_proj).
@@ -106,8 +107,7 @@ class DecoderLayer(nnx.Module):
   def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs,
                attn_in_dim: int | None = None):
     d = cfg.hidden_size
-    norm_kw = dict(eps=cfg.rms_norm_eps, offset=cfg.norm_offset, dtype=dtype,
-                   cast_first=cfg.family in ("llama", "qwen3"))
+    norm_kw = cfg.norm_kwargs(dtype)
     self.sandwich = cfg.sandwich_norm
     self.input_layernorm = layers.RMSNorm(d, **norm_kw)
     self.self_attn = Attention(cfg, layer, dtype=dtype, rngs=rngs, in_dim=attn_in_dim)
@@ -181,8 +181,7 @@ class TextModel(nnx.Module):
                                      dtype=dtype, rngs=rngs)
     self.layers = nnx.List([DecoderLayer(cfg, i, dtype=dtype, rngs=rngs)
                             for i in range(cfg.num_layers)])
-    self.norm = layers.RMSNorm(d, eps=cfg.rms_norm_eps, offset=cfg.norm_offset, dtype=dtype,
-                               cast_first=cfg.family in ("llama", "qwen3"))
+    self.norm = layers.RMSNorm(d, **cfg.norm_kwargs(dtype))
     if cfg.ple_dim:
       total = cfg.num_layers * cfg.ple_dim
       self.embed_tokens_per_layer = layers.Embed(cfg.ple_vocab_size, total,
@@ -217,9 +216,18 @@ class CausalLM(nnx.Module):
   def embed(self, tokens: Array) -> Array:
     return self.model.embed_tokens(tokens)
 
-  def logits_from_hidden(self, hidden: Array) -> Array:
-    """Final-normed hidden `[..., D]` -> float32 logits `[..., V]` (with final soft-cap)."""
-    if self.lm_head is None:
+  def logits_from_hidden(self, hidden: Array, vocab_ids: Array | None = None) -> Array:
+    """Final-normed hidden `[..., D]` -> float32 logits `[..., V]` (with final soft-cap).
+
+    `vocab_ids` int `[N]` computes only those columns: `[..., N]` (a draft's vocabulary).
+    """
+    if vocab_ids is not None:
+      if self.lm_head is None:
+        w = jnp.take(self.model.embed_tokens.embedding[...], vocab_ids, axis=0)  # [N, D]
+      else:
+        w = jnp.take(self.lm_head.kernel[...], vocab_ids, axis=1).T
+      logits = jnp.einsum("...D,ND->...N", hidden, w, preferred_element_type=jnp.float32)
+    elif self.lm_head is None:
       logits = self.model.embed_tokens.attend(hidden)
     else:
       logits = jnp.einsum("...D,DV->...V", hidden, self.lm_head.kernel[...],
@@ -228,7 +236,8 @@ class CausalLM(nnx.Module):
 
   def __call__(self, tokens: Array, positions: Array | None = None, *,
                cache: KVCache | None = None, attend_len: int | None = None,
-               taps: Sequence[int] = (), compute_logits: bool = True) -> ForwardOutput:
+               write_mask: Array | None = None, taps: Sequence[int] = (),
+               compute_logits: bool = True, pack: Pack | None = None) -> ForwardOutput:
     """Runs the decoder.
 
     Args:
@@ -239,8 +248,13 @@ class CausalLM(nnx.Module):
       cache: KV cache or None for a full-sequence (training) forward.
       attend_len: static number of cache slots to attend over (prefill uses T, since
         nothing beyond is valid); default: the whole cache.
+      write_mask: bool `[B]`: rows whose K/V are written (default all); finished rows
+        of a decode loop pass False so their cache slots stay untouched.
       taps: layer ids whose raw outputs to return (ascending order kept as given).
       compute_logits: skip the LM head when only hidden states are needed.
+      pack: packed verify (needs `cache`): `tokens`/`positions` are the flat `[1, N]` batch
+        and `pack` says where each token sits in the rows' dense `[B, W]` blocks; outputs
+        stay flat.
 
     Returns:
       ForwardOutput.
@@ -252,19 +266,11 @@ class CausalLM(nnx.Module):
     x = self.embed(tokens)
     ple = self.model.per_layer_inputs(cfg, tokens, x) if cfg.ple_dim else None
 
-    # cos/sin and masks depend only on (layer type, head dim): build each once.
-    tables: dict = {}
-    masks: dict = {}
-    if cache is None:
-      k_positions = positions
-    else:
-      span = attend_len if attend_len is not None else cache.capacity
-      k_positions = jnp.arange(span, dtype=jnp.int32)
-    new_k = list(cache.k) if cache is not None else None
-    new_v = list(cache.v) if cache is not None else None
+    tables: dict = {}  # cos/sin depend only on (rope, head dim): built once each
     slot_of = {layer: i for i, layer in enumerate(cfg.cache_layers)}
     start = positions[:, 0]
-    kv_of_layer: dict[int, tuple[Array, Array]] = {}
+    carry = {"cache": cache}
+    segment_of_layer: dict = {}
     tap_out = {}
 
     for i, layer in enumerate(self.model.layers):
@@ -274,26 +280,28 @@ class CausalLM(nnx.Module):
         tables[(rope, head_dim)] = rope_lib.rope_tables(rope, head_dim, positions)
       cos, sin = tables[(rope, head_dim)]
       window = cfg.window_for(i)
-      if window not in masks:
-        masks[window] = attn_lib.causal_mask(positions, k_positions, window)
-      mask = masks[window]
       src = cfg.kv_sources[i]
 
-      def attn_fn(att, q, k_new, v_new, i=i, src=src, mask=mask):
+      def attn_fn(att, q, k_new, v_new, i=i, src=src, window=window):
         if k_new is None:  # KV-shared layer: reuse the source layer's keys/values.
-          k_all, v_all = kv_of_layer[src]
-          return att.attention(q, k_all, v_all, mask)
-        if cache is None:
-          k_all, v_all = k_new, v_new
+          seg = dataclasses.replace(segment_of_layer[src], window=window)
+        elif cache is None:  # full sequence: keys are the T tokens themselves
+          seg = attn_kernels.KV(k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3),
+                                positions=positions, window=window)
+        elif pack is not None:
+          c = carry["cache"].write(slot_of[i], pack.to_dense(k_new), pack.to_dense(v_new),
+                                   pack.start, pack.valid)
+          carry["cache"] = c
+          seg = c.segment(slot_of[i], span=attend_len, window=window)
         else:
-          s = slot_of[i]
-          new_k[s] = write_rows(new_k[s], k_new, start)
-          new_v[s] = write_rows(new_v[s], v_new, start)
-          k_all, v_all = new_k[s], new_v[s]
-          if attend_len is not None:
-            k_all, v_all = k_all[:, :attend_len], v_all[:, :attend_len]
-        kv_of_layer[i] = (k_all, v_all)
-        return att.attention(q, k_all, v_all, mask)
+          c = carry["cache"].write(slot_of[i], k_new, v_new, start, write_mask)
+          carry["cache"] = c
+          seg = c.segment(slot_of[i], span=attend_len, window=window)
+        segment_of_layer[i] = seg
+        if pack is not None:
+          out = att.attend(pack.to_dense(q), seg, q_positions=pack.positions)
+          return pack.to_flat(out)
+        return att.attend(q, seg, q_positions=positions)
 
       x = layer(x, cos, sin, attn_fn, ple[:, :, i] if ple is not None else None)
       if i in taps:
@@ -302,10 +310,7 @@ class CausalLM(nnx.Module):
     hidden = self.model.norm(x)
     logits = self.logits_from_hidden(hidden) if compute_logits else None
     tap_arr = jnp.concatenate([tap_out[i] for i in taps], axis=-1) if taps else None
-    new_cache = None
-    if cache is not None:
-      new_cache = KVCache(tuple(new_k), tuple(new_v), cache.lengths)
-    return ForwardOutput(logits=logits, hidden=hidden, taps=tap_arr, cache=new_cache)
+    return ForwardOutput(logits=logits, hidden=hidden, taps=tap_arr, cache=carry["cache"])
 
 
 def abstract_model(cfg: ModelConfig, dtype=jnp.float32) -> CausalLM:

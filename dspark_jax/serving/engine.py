@@ -70,6 +70,8 @@ def load_draft_from_config(config, target):
 
 def serve(config, out=sys.stdout) -> dict[str, Any]:
   """Runs batch generation as described by a serve config; returns the summary dict."""
+  if config.batch_size < 1:  # checked before the (slow) model load
+    raise ValueError(f"--config.batch_size must be >= 1, got {config.batch_size}")
   from dspark_jax import sharding
   mesh = sharding.make_mesh(dict(config.mesh)) if "mesh" in config else None
   t0 = time.perf_counter()
@@ -85,12 +87,15 @@ def serve(config, out=sys.stdout) -> dict[str, Any]:
     rows = [{"id": i, "text": t} for i, t in enumerate(DEMO_PROMPTS)]
   if not rows:
     raise ValueError("no prompts to serve")
+
   prompts = format_prompts(target, [r["text"] for r in rows], config.chat)
   kwargs = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                 top_k=config.top_k, top_p=config.top_p, seed=config.seed,
                 batch_size=config.batch_size, progress=len(rows) > config.batch_size)
   if draft is not None and config.num_draft_tokens:
     kwargs["num_draft_tokens"] = config.num_draft_tokens
+  if draft is not None:
+    kwargs["scheduler"] = config.get("scheduler", "auto")
   if config.get("warmup", True):
     # Compile once on the first batch so the reported tokens/s is steady-state speed.
     generation.generate(target, prompts[:config.batch_size], draft=draft, **kwargs)
@@ -112,6 +117,8 @@ def serve(config, out=sys.stdout) -> dict[str, Any]:
   }
   if stats.tau is not None:
     summary["tau"] = round(stats.tau, 3)
+    summary["scheduler"] = stats.scheduler
+    summary["verify_tokens_per_round"] = round(stats.verify_tokens_per_round, 3)
     summary["position_acceptance"] = [None if x is None else round(x, 3)
                                        for x in stats.position_acceptance]
   if not config.output or len(rows) <= 8:

@@ -253,19 +253,36 @@ def data_paths(workdir: str) -> dict[str, str]:
               features=os.path.join(workdir, "features"), draft=os.path.join(workdir, "draft"))
 
 
+def training_prompts(config) -> list[dict]:
+  """The prompt rows of `config.data`: the prompts file, then the built-in sources.
+
+  `data.synthetic_fallback` built-in prompts are used only when no other source gave any (the
+  tiny config's default data, replaced by `--config.data.prompts=FILE`).
+  """
+  from dspark_jax import demo
+  from dspark_jax.training import data as data_lib
+  d = config.data
+  rows = []
+  if d.prompts:
+    rows += data_lib.read_rows(d.prompts, d.num_prompts)
+  if d.code_prompts:
+    rows += demo.stdlib_code_prompts(d.code_prompts, seed=config.seed)
+  if d.get("chat_prompts", 0):
+    rows += demo.chat_prompts(d.chat_prompts, seed=config.seed)
+  if d.get("synthetic_prompts", 0):
+    rows += demo.synthetic_prompts(d.synthetic_prompts, seed=config.seed)
+  if not rows and d.get("synthetic_fallback", 0):
+    rows += demo.synthetic_prompts(d.synthetic_fallback, seed=config.seed)
+  if not rows:
+    raise ValueError("no training prompts: set --config.data.prompts=<JSONL> and/or "
+                     "--config.data.code_prompts=N / --config.data.chat_prompts=N")
+  return rows
+
+
 def stage_generate_data(config, workdir, target):
   from dspark_jax.training import data as data_lib
   paths = data_paths(workdir)
-  rows = []
-  if config.data.prompts:
-    rows += data_lib.read_rows(config.data.prompts, config.data.num_prompts)
-  if config.data.code_prompts:
-    rows += data_lib.stdlib_code_prompts(config.data.code_prompts, seed=config.seed)
-  if config.data.get("synthetic_prompts", 0):
-    rows += data_lib.synthetic_prompts(config.data.synthetic_prompts, seed=config.seed)
-  if not rows:
-    raise ValueError("no training prompts: set --config.data.prompts=<JSONL> and/or "
-                     "--config.data.code_prompts=N")
+  rows = training_prompts(config)
   if target.tokenizer is None:
     raise ValueError("regenerating answers needs the target's tokenizer; this target has none")
   os.makedirs(os.path.dirname(paths["regenerated"]), exist_ok=True)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dspark_jax.models import attention as attn_lib
 from dspark_jax.typing import Array
+from kernels import attention as attn_kernels
 
 
 def ttt_attention(att, q: Array, k0: Array, v0: Array, diag: list[tuple[Array, Array]],
@@ -22,33 +22,17 @@ def ttt_attention(att, q: Array, k0: Array, v0: Array, diag: list[tuple[Array, A
   """q `[B, S, N, H]` over causal step-0 keys `k0` plus same-index keys of later steps.
 
   Args:
+    k0, v0: step-0 keys/values `[B, S, K, H]` at positions 0..S-1.
     diag: keys/values `[B, S, K, H]` of steps 1..s (the current step's included).
     valid_len: `[B]`, keys at index >= valid_len are invisible (shrinks by one per step).
   """
-  b, s, n, h = q.shape
-  kh = k0.shape[2]
-  g = n // kh
-  qg = q.reshape(b, s, kh, g, h)
-  f32 = jnp.float32
-  lc = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k0, preferred_element_type=f32) * att.scale
-  idx = jnp.arange(s)
-  vis = (idx[None, :] <= idx[:, None])[None] & (idx[None, None, :] < valid_len[:, None, None])
-  if att.logit_softcap is not None:
-    lc = jnp.tanh(lc / att.logit_softcap) * att.logit_softcap
-  lc = jnp.where(vis[:, None, None], lc, attn_lib.MASK_VALUE)
-  parts = [lc]
-  for kd, _ in diag:
-    ld = jnp.einsum("BTKGH,BTKH->BKGT", qg, kd, preferred_element_type=f32) * att.scale
-    if att.logit_softcap is not None:
-      ld = jnp.tanh(ld / att.logit_softcap) * att.logit_softcap
-    ok = (idx[None, :] < valid_len[:, None])[:, None, None, :]
-    parts.append(jnp.where(ok, ld, attn_lib.MASK_VALUE)[..., None])
-  probs = jax.nn.softmax(jnp.concatenate(parts, axis=-1), axis=-1)
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., :s].astype(v0.dtype), v0,
-                   preferred_element_type=f32)
-  for j, (_, vd) in enumerate(diag):
-    out = out + probs[..., s + j].transpose(0, 3, 1, 2)[..., None] * vd[:, :, :, None, :]
-  return out.reshape(b, s, n, v0.shape[-1]).astype(q.dtype)
+  b, s = q.shape[:2]
+  idx = jnp.arange(s, dtype=jnp.int32)
+  pos = jnp.broadcast_to(idx, (b, s))
+  base = attn_kernels.KV(k0.transpose(0, 2, 1, 3), v0.transpose(0, 2, 1, 3), lengths=valid_len)
+  ok = idx[None, :] < valid_len[:, None]  # [B, S]
+  steps = [attn_kernels.Block(kd, vd, group=1, valid=ok) for kd, vd in diag]
+  return att.attend(q, base, *steps, q_positions=pos)
 
 
 def objective(draft, tmodel, mb: dict, taps: Array, hidden: Array, key, *, ttt_length: int,

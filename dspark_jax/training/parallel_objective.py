@@ -27,8 +27,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dspark_jax.models import attention as attn_lib
 from dspark_jax.typing import Array
+from kernels import attention as attn_kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,33 +99,17 @@ def block_attention(att, q: Array, k_blk: Array, v_blk: Array, ctx_k: Array, ctx
     att: the layer's Attention module (scale, soft-cap).
     q: `[B, N_a*Q, N, H]`; k_blk, v_blk: `[B, N_a*Q, K, H]`.
     ctx_k, ctx_v: `[B, S, K, H]` context keys/values at positions 0..S-1.
-    anchors: `[B, N_a]`; keep: `[B, N_a]`.
+    anchors: `[B, N_a]`: block j sees context positions `< anchors[:, j]`.
+    keep: `[B, N_a]`: blocks whose own keys are visible.
 
   Returns:
     `[B, N_a*Q, N, H]`.
   """
-  b, t, n, h = q.shape
-  kh = ctx_k.shape[2]
-  g = n // kh
-  qb = t // num_blocks
-  s = ctx_k.shape[1]
-  qg = q.reshape(b, num_blocks, qb, kh, g, h)
-  kb = k_blk.reshape(b, num_blocks, qb, kh, h)
-  vb = v_blk.reshape(b, num_blocks, qb, kh, v_blk.shape[-1])
-  f32 = jnp.float32
-  lc = jnp.einsum("BJQKGH,BSKH->BJKGQS", qg, ctx_k, preferred_element_type=f32) * att.scale
-  lb = jnp.einsum("BJQKGH,BJRKH->BJKGQR", qg, kb, preferred_element_type=f32) * att.scale
-  if att.logit_softcap is not None:
-    lc = jnp.tanh(lc / att.logit_softcap) * att.logit_softcap
-    lb = jnp.tanh(lb / att.logit_softcap) * att.logit_softcap
-  ctx_vis = jnp.arange(s)[None, None, :] < anchors[:, :, None]  # [B, N_a, S]
-  lc = jnp.where(ctx_vis[:, :, None, None, None, :], lc, attn_lib.MASK_VALUE)
-  lb = jnp.where(keep[:, :, None, None, None, None], lb, attn_lib.MASK_VALUE)
-  logits = jnp.concatenate([lc, lb], axis=-1)
-  probs = jax.nn.softmax(logits, axis=-1).astype(ctx_v.dtype)
-  out = (jnp.einsum("BJKGQS,BSKH->BJQKGH", probs[..., :s], ctx_v, preferred_element_type=f32)
-         + jnp.einsum("BJKGQR,BJRKH->BJQKGH", probs[..., s:], vb, preferred_element_type=f32))
-  return out.reshape(b, t, n, ctx_v.shape[-1]).astype(q.dtype)
+  qb = q.shape[1] // num_blocks
+  limit = jnp.repeat(anchors, qb, axis=1)  # [B, N_a*Q]: per-query context length
+  ctx = attn_kernels.KV(ctx_k.transpose(0, 2, 1, 3), ctx_v.transpose(0, 2, 1, 3), lengths=limit,
+                        causal=False)
+  return att.attend(q, ctx, attn_kernels.Block(k_blk, v_blk, group=qb, valid=keep))
 
 
 def draft_forward(draft, target_model, tokens: Array, taps: Array, anchors: Array, keep: Array,

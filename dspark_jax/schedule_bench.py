@@ -1,0 +1,208 @@
+"""Scheduled verification vs plain decoding: tokens/s per eval set, batch size and policy.
+
+  python -m dspark_jax.schedule_bench --batch_sizes=1,8,32 --max_new_tokens=64 \
+      --out=bench_results/schedule.json
+
+For every eval set (first turns of `--eval_dir/*.jsonl`, chat-formatted) and batch size B,
+the first B prompts are decoded greedily with every row forced to `--max_new_tokens`
+(stop tokens off, so all decoders produce the same token count) by
+
+  * plain autoregressive decoding (AR);
+  * speculative decoding with each policy of `--policies`: "fixed" (every round verifies
+    all P drafts), "threshold" (DeepSpec's static rule, `--threshold`), "early_stop"
+    (Algorithm 1), "async" (paper 5.2), each with the plain-step fallback when the
+    profiled costs say the draft does not pay.
+
+The SPS table and propose cost come from `engine.profile.sps_profile` (measured once per
+batch bucket, cached, plotted). Every run is compiled first (untimed), then timed
+`--repeats` times (median). Reported: tokens/s, ratio to AR, tau (tokens per round), mean
+verify tokens per request and round (1 + l), share of rounds that proposed, and whether
+greedy outputs equal AR's. One run on one machine; ratios are within that run.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+from absl import flags
+
+from dspark_jax import cli
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("target", "smollm2-135m-instruct", "model path, hub id or demo name",
+                    flag_values=FLAGS)
+flags.DEFINE_string("draft", "demo", "draft directory ('demo' = the committed demo draft)",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("draft_vocab", 0, "restrict the draft to the N most frequent tokens of "
+                     "--vocab_data (0 = full vocabulary)", flag_values=FLAGS)
+flags.DEFINE_string("vocab_data", os.path.join("runs", "demo_v2", "data", "regenerated.jsonl"),
+                    "JSONL of regenerated conversations for --draft_vocab token counts",
+                    flag_values=FLAGS)
+flags.DEFINE_string("eval_dir", os.path.join("..", "shared", "data", "eval"),
+                    "DeepSpec eval sets (relative paths start at the repository root)",
+                    flag_values=FLAGS)
+flags.DEFINE_string("sets", "", "comma-separated eval set names (default: all)",
+                    flag_values=FLAGS)
+flags.DEFINE_string("batch_sizes", "1,8", "comma-separated batch sizes", flag_values=FLAGS)
+flags.DEFINE_string("policies", "fixed,threshold,early_stop,async",
+                    "comma-separated scheduler policies", flag_values=FLAGS)
+flags.DEFINE_float("threshold", 0.5, "threshold of the 'threshold' policy", flag_values=FLAGS)
+flags.DEFINE_integer("max_new_tokens", 64, "tokens per row", flag_values=FLAGS)
+flags.DEFINE_integer("max_prompt_tokens", 256, "skip longer chat-formatted prompts",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 2, "timed runs per measurement (median)", flag_values=FLAGS)
+flags.DEFINE_string("out", os.path.join("runs", "schedule_bench.json"),
+                    "results JSON (a PNG and a markdown table are written beside it)",
+                    flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "replace existing output files", flag_values=FLAGS)
+
+
+def _prompts(tokenizer, path: str, n: int, max_tokens: int) -> list[list[int]]:
+  """The first `n` chat-formatted first turns of an eval set (cycled if it has fewer)."""
+  from dspark_jax.evaluate import load_domain_prompts
+  out = load_domain_prompts(path, tokenizer, n, max_tokens)
+  return [out[i % len(out)] for i in range(n)] if out else []
+
+
+def _scheduler(policy: str, prof: dict, threshold: float, temps):
+  from dspark_jax.scheduling import Scheduler
+  if policy == "fixed":
+    return "fixed"
+  kw = dict(sps=np.asarray(prof["sps"]), propose_cost=prof["propose_s"],
+            temperatures=None if temps is None else np.asarray(temps))
+  if policy == "threshold":
+    return Scheduler(policy="threshold", threshold=threshold, **kw)
+  return Scheduler(policy=policy, **kw)
+
+
+def plot(results: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  sizes = list(results["batches"])
+  fig, axes = plt.subplots(1, len(sizes) + 1, figsize=(5 * (len(sizes) + 1), 4))
+  for ax, bs in zip(axes, sizes):
+    sets = list(results["batches"][bs]["sets"])
+    pols = results["policies"]
+    width = 0.8 / len(pols)
+    for k, pol in enumerate(pols):
+      vals = [results["batches"][bs]["sets"][s]["spec"][pol]["vs_ar"] for s in sets]
+      ax.bar(np.arange(len(sets)) + k * width, vals, width, label=pol)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(np.arange(len(sets)) + 0.4, sets, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("tokens/s vs AR")
+    ax.set_title(f"batch {bs}")
+    ax.legend(fontsize=7)
+  ax = axes[-1]
+  for bs, prof in results["profiles"].items():
+    sps = np.asarray(prof["sps"])[1:]
+    ax.step(np.arange(1, len(sps) + 1) / int(bs), sps, where="post", label=f"batch {bs}")
+  ax.set_xlabel("verify tokens per request (n / B)")
+  ax.set_ylabel("verify steps/s")
+  ax.set_title("profiled SPS curve")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def markdown(results: dict) -> str:
+  lines = []
+  for bs, r in results["batches"].items():
+    lines.append(f"\n**batch {bs}** ({results['setting']})\n")
+    head = "| set | AR tok/s | " + " | ".join(
+        f"{p} tok/s (×AR, τ, verify/req, proposed)" for p in results["policies"]) + " |"
+    lines += [head, "|" + "---|" * (2 + len(results["policies"]))]
+    for name, s in r["sets"].items():
+      cells = [f"{s['ar_tokens_per_s']:.1f}"]
+      for p in results["policies"]:
+        x = s["spec"][p]
+        cells.append(f"{x['tokens_per_s']:.1f} ({x['vs_ar']:.2f}×, {x['tau']:.2f}, "
+                     f"{x['verify_tokens_per_round']:.2f}, {x['proposed_share']:.2f})")
+      lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+  args = cli.parse(FLAGS, argv, __doc__)
+  args.eval_dir, args.out = cli.repo_path(args.eval_dir), cli.repo_path(args.out)
+  png, md = os.path.splitext(args.out)[0] + ".png", os.path.splitext(args.out)[0] + ".md"
+  cli.check_outputs([args.out, png, md], args.overwrite)
+  files = sorted(glob.glob(os.path.join(args.eval_dir, "*.jsonl")))
+  if not files:
+    raise SystemExit(f"error: no eval sets in {args.eval_dir} (../shared/data/eval beside the "
+                     "checkout)")
+  wanted = [s for s in args.sets.split(",") if s]
+  files = [f for f in files if not wanted or os.path.basename(f)[:-6] in wanted]
+  import jax
+  from tqdm.auto import tqdm
+
+  import dspark_jax as dj
+  from dspark_jax.drafts import vocab
+  from dspark_jax.engine import profile
+  target = dj.load_target(args.target)
+  draft = dj.load_draft(args.draft, target)
+  if args.draft_vocab:
+    path = cli.repo_path(args.vocab_data)
+    with open(path) as f:
+      convs = [json.loads(line)["conversations"] for line in f if line.strip()]
+    toks = [target.tokenizer.encode(m["content"]) for c in convs for m in c
+            if m["role"] == "assistant"]
+    ids = vocab.frequent_tokens(toks, args.draft_vocab, target.config.vocab_size,
+                                always=target.stop_token_ids)
+    draft = vocab.restrict_vocab(draft, ids)
+  sizes = [int(s) for s in args.batch_sizes.split(",") if s]
+  policies = [p for p in args.policies.split(",") if p]
+  temps = draft.config.sts_temperatures
+  results = {"target": args.target, "draft": args.draft, "draft_vocab": args.draft_vocab,
+             "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+             "setting": f"greedy, float32, {args.max_new_tokens} new tokens/row, median of "
+                        f"{args.repeats}", "policies": policies, "sts": temps is not None,
+             "args": vars(args), "batches": {}, "profiles": {}}
+  kw = dict(max_new_tokens=args.max_new_tokens, temperature=0.0, stop_tokens=[])
+  bar = tqdm(total=len(sizes) * len(files) * (1 + len(policies)), desc="schedule_bench",
+             unit="run", file=sys.stderr)
+  for bs in sizes:
+    prof = profile.sps_profile(target, draft, batch=bs, measure=True)
+    results["profiles"][str(bs)] = prof
+    scheds = {p: _scheduler(p, prof, args.threshold, temps) for p in policies}
+    per_set = {}
+    for path in files:
+      name = os.path.basename(path)[:-6]
+      prompts = _prompts(target.tokenizer, path, bs, args.max_prompt_tokens)
+      if not prompts:
+        continue
+      run = lambda **k: dj.generate(target, prompts, batch_size=bs, **kw, **k)
+      run()  # compile (untimed)
+      secs, ar = profile.median_time(run, args.repeats)
+      n_tok = sum(ar.stats.num_tokens)
+      entry = {"ar_tokens_per_s": n_tok / secs, "spec": {}}
+      bar.update(1)
+      for pol, sched in scheds.items():
+        go = lambda: run(draft=draft, scheduler=sched)
+        go()
+        s, res = profile.median_time(go, args.repeats)
+        st = res.stats
+        flags_ = [f for row in st.proposed for f in row]
+        entry["spec"][pol] = {
+            "tokens_per_s": n_tok / s, "vs_ar": (n_tok / s) / entry["ar_tokens_per_s"],
+            "tau": st.tau, "verify_tokens_per_round": st.verify_tokens_per_round,
+            "proposed_share": float(np.mean(flags_)) if flags_ else 0.0,
+            "greedy_equal": res.tokens == ar.tokens}
+        bar.set_postfix(batch=bs, set=name, policy=pol, x=f"{entry['spec'][pol]['vs_ar']:.2f}")
+        bar.update(1)
+      per_set[name] = entry
+    results["batches"][str(bs)] = {"sets": per_set}
+  bar.close()
+  results["table"] = markdown(results)
+  cli.write_json(args.out, results, table=results["table"])
+  plot(results, png)
+  print(f"wrote {args.out}, {md}, {png}", file=sys.stderr)
+  return results
+
+
+if __name__ == "__main__":
+  main()

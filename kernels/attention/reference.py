@@ -1,0 +1,153 @@
+"""Multi-segment softmax attention in pure jnp: the specification every kernel must match.
+
+A query attends over the union of one or more key segments; each segment is softmaxed
+separately and the partial results are merged by their log-sum-exp, so callers never
+concatenate key buffers or build a dense mask:
+
+  * `KV`: keys at absolute positions (a cache: slot s holds position s), visible to a query
+    at position p when `s < lengths` (per row, or per query) and, if `causal`, `pos(s) <= p`
+    and `p - pos(s) < window`;
+  * `Block`: keys in the queries' own index space, split into groups of `group`
+    consecutive queries; a query sees every key of its own group (bidirectional blocks:
+    the DSpark/DFlash draft block; `group=1` pairs each query with the key at its own
+    index, as Eagle3's training-time test needs).
+
+Dimensions: B batch, T queries, N query heads, K kv heads (N = K * G), H head dim,
+S keys of a `KV` segment, J groups of a `Block` segment (T = J * Q).
+Logits, softmax and the merge are float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# Finite, so a fully masked query softmaxes to a uniform row instead of NaN; any visible key
+# dwarfs it to an exact 0 weight.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class KV:
+  """Keys/values `[B, K, S, H]` at positions `positions` (`[B, S]`; default slot index).
+
+  Attributes:
+    lengths: int `[B]` or `[B, T]`: keys at slot `>= lengths` are invisible (None: all).
+    causal: hide keys whose position is after the query's.
+    window: sliding window (keys with `q_pos - k_pos >= window` hidden); needs `causal`.
+  """
+
+  k: Array
+  v: Array
+  positions: Array | None = None
+  lengths: Array | None = None
+  causal: bool = True
+  window: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+  """Keys/values `[B, T, K, H]` aligned with the queries, visible within groups of `group`.
+
+  Attributes:
+    valid: bool `[B, T // group]`: a whole group's keys hidden where False (None: all).
+  """
+
+  k: Array
+  v: Array
+  group: int
+  valid: Array | None = None
+
+
+def _softcap(x: Array, cap: float | None) -> Array:
+  return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def _partial(logits: Array, visible: Array, v: Array, eqn: str):
+  """(max, sum exp, unnormalised output) of one segment; reduces the last logits axis."""
+  logits = jnp.where(visible, logits, MASK_VALUE)
+  m = jnp.max(logits, axis=-1)
+  p = jnp.exp(logits - m[..., None])
+  o = jnp.einsum(eqn, p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return m, jnp.sum(p, axis=-1), o
+
+
+def _kv_partial(qg: Array, seg: KV, q_positions: Array, scale: float, softcap):
+  """qg `[B, K, T, G, H]` -> partials with shapes `[B, K, T, G]` and `[B, K, T, G, H]`."""
+  b, _, t, _, _ = qg.shape
+  s = seg.k.shape[2]
+  logits = jnp.einsum("BKTGH,BKSH->BKTGS", qg, seg.k, preferred_element_type=jnp.float32)
+  logits = _softcap(logits * scale, softcap)
+  slot = jnp.arange(s, dtype=jnp.int32)
+  visible = jnp.ones((b, t, s), bool)
+  if seg.lengths is not None:
+    lim = seg.lengths if seg.lengths.ndim == 2 else seg.lengths[:, None]
+    visible &= slot[None, None, :] < lim[:, :, None]
+  if seg.causal:
+    kpos = slot[None, :] if seg.positions is None else seg.positions
+    kpos = jnp.broadcast_to(kpos, (b, s))[:, None, :]
+    qpos = q_positions[:, :, None]
+    visible &= kpos <= qpos
+    if seg.window is not None:
+      visible &= (qpos - kpos) < seg.window
+  return _partial(logits, visible[:, None, :, None, :], seg.v, "BKTGS,BKSH->BKTGH")
+
+
+def _block_partial(qg: Array, seg: Block, scale: float, softcap):
+  b, kh, t, g, h = qg.shape
+  q = seg.group
+  j = t // q
+  qb = qg.reshape(b, kh, j, q, g, h)
+  kb = seg.k.reshape(b, j, q, kh, h)
+  vb = seg.v.reshape(b, j, q, kh, seg.v.shape[-1])
+  logits = jnp.einsum("BKJQGH,BJRKH->BKJQGR", qb, kb, preferred_element_type=jnp.float32)
+  logits = _softcap(logits * scale, softcap)
+  visible = jnp.ones((b, 1, j, 1, 1, 1), bool)
+  if seg.valid is not None:
+    visible = seg.valid[:, None, :, None, None, None]
+  m, l, o = _partial(logits, visible, vb, "BKJQGR,BJRKH->BKJQGH")
+  return m.reshape(b, kh, t, g), l.reshape(b, kh, t, g), o.reshape(b, kh, t, g, -1)
+
+
+def attention(q: Array, *segments, q_positions: Array | None = None, scale: float,
+              softcap: float | None = None) -> Array:
+  """Softmax attention of `q` `[B, T, N, H]` over the union of `segments` (GQA).
+
+  Args:
+    q: queries.
+    segments: `KV` / `Block` segments (at least one).
+    q_positions: int `[B, T]` absolute query positions (needed by causal `KV` segments).
+    scale: multiplier on q.k.
+    softcap: Gemma's tanh cap on attention logits.
+
+  Returns:
+    `[B, T, N, Hv]` in q's dtype.
+  """
+  if not segments:
+    raise ValueError("attention needs at least one key segment")
+  b, t, n, h = q.shape
+  kh = segments[0].k.shape[1] if isinstance(segments[0], KV) else segments[0].k.shape[2]
+  qg = q.reshape(b, t, kh, n // kh, h).transpose(0, 2, 1, 3, 4)  # [B, K, T, G, H]
+  parts = []
+  for seg in segments:
+    if isinstance(seg, KV):
+      parts.append(_kv_partial(qg, seg, q_positions, scale, softcap))
+    elif isinstance(seg, Block):
+      parts.append(_block_partial(qg, seg, scale, softcap))
+    else:
+      raise TypeError(f"unknown attention segment {type(seg).__name__}")
+  m = parts[0][0]
+  for p in parts[1:]:
+    m = jnp.maximum(m, p[0])
+  den = 0.0
+  num = 0.0
+  for mi, li, oi in parts:
+    w = jnp.exp(mi - m)
+    den = den + li * w
+    num = num + oi * w[..., None]
+  out = num / den[..., None]  # [B, K, T, G, Hv]
+  return out.transpose(0, 2, 1, 3, 4).reshape(b, t, n, -1).astype(q.dtype)
