@@ -96,6 +96,13 @@ def serve(config, out=sys.stdout) -> dict[str, Any]:
     kwargs["num_draft_tokens"] = config.num_draft_tokens
   if draft is not None:
     kwargs["scheduler"] = config.get("scheduler", "auto")
+    if kwargs["scheduler"] == "auto" and draft.config.confidence_head:
+      # The scheduler needs this machine's verify-cost curve: measured once, then cached.
+      from dspark_jax.engine import profile
+      if profile.sps_profile(target, draft, batch=config.batch_size, measure=False) is None:
+        print("profiling verify cost per token count (once per machine; cached) ...",
+              file=out, flush=True)
+        profile.sps_profile(target, draft, batch=config.batch_size)
   if config.get("warmup", True):
     # Compile once on the first batch so the reported tokens/s is steady-state speed.
     generation.generate(target, prompts[:config.batch_size], draft=draft, **kwargs)
