@@ -63,10 +63,11 @@ def test_packed_verify_equals_dense_verify(target):
                                  cache)
   anchor = jnp.array([3, 1, 4], jnp.int32)
   drafts = jnp.asarray(rng.integers(0, 12, (b, P)), jnp.int32)
-  ell = jnp.array([4, 0, 2], jnp.int32)
   live = jnp.array([True, True, False])
   dense, dtaps, dcache = speculative.verify(tmodel, cache, anchor, drafts, (0, 2), live)
-  for budgets in [(16,), (2, 7, 15)]:
+  # Mixed lengths (packed) and all-zero lengths (the plain decode-step branch).
+  for budgets, ell in [((16,), [4, 0, 2]), ((2, 7, 15), [4, 0, 2]), ((2, 7, 15), [0, 0, 3])]:
+    ell = jnp.array(ell, jnp.int32)
     packed, ptaps, pcache = speculative.verify_packed(tmodel, cache, anchor, drafts, ell, live,
                                                       (0, 2), budgets)
     for r in range(b):

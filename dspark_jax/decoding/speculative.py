@@ -96,15 +96,26 @@ def verify_packed(target_model, cache: KVCache, anchor: Array, drafts: Array, ve
 
   The tokens `[a, x_1..x_l]` of the live rows are packed into a flat batch of the smallest
   of `budgets` (static, ascending; the last must hold B * (P + 1)) that fits, chosen on
-  device with `lax.switch`; one program per budget is compiled into the loop.
+  device with `lax.switch`; one program per budget is compiled into the loop, plus a plain
+  decode step for rounds that verify no draft.
 
   Returns:
     as `verify`: dense `[B, P+1, ...]` logits and taps; slots beyond `l` hold zeros.
   """
   tokens = jnp.concatenate([anchor[:, None], drafts], axis=1)
   b, w = tokens.shape
-  need = jnp.sum(jnp.where(live, verify_len + 1, 0))
+  ell = jnp.where(live, verify_len, 0)
+  need = jnp.sum(jnp.where(live, ell + 1, 0))
   index = jnp.sum(need > jnp.asarray(budgets[:-1], jnp.int32)) if len(budgets) > 1 else 0
+  # A round that verifies no draft (the scheduler's plain-step fallback) is exactly a decode
+  # step: one token per row in the dense layout, no packing and no attention over empty
+  # block slots.
+  index = jnp.where(jnp.all(ell == 0), 0, 1 + index)
+
+  def plain(cache):
+    logits, tap, cache = verify(target_model, cache, anchor, drafts[:, :0], taps, live)
+    pad = lambda x: None if x is None else jnp.pad(x, ((0, 0), (0, w - 1), (0, 0)))
+    return pad(logits), pad(tap), cache
 
   def run(budget, cache):
     flat, rows, cols, valid = pack_tokens(tokens, verify_len, live, budget)
@@ -115,7 +126,7 @@ def verify_packed(target_model, cache: KVCache, anchor: Array, drafts: Array, ve
     tap = None if out.taps is None else pack.to_dense(out.taps)
     return logits, tap, out.cache
 
-  branches = [functools.partial(run, n) for n in budgets]
+  branches = [plain] + [functools.partial(run, n) for n in budgets]
   return jax.lax.switch(index, branches, cache)
 
 
