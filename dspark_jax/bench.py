@@ -237,12 +237,7 @@ def main(argv=None) -> dict:
     results["batches"][str(bs)] = r
   bar.close()
   results["table"] = markdown(results)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(results, f, indent=2)
-  with open(md_path, "w") as f:
-    f.write(results["table"] + "\n")
-  print(results["table"])
+  cli.write_json(args.out, results, table=results["table"])  # the .md beside it too
   print(f"wrote {args.out}", file=sys.stderr)
   return results
 

@@ -71,13 +71,41 @@ def check_outputs(paths: Sequence[str], overwrite: bool) -> None:
                      "another --out")
 
 
+def portable(obj):
+  """`obj` with this machine's absolute paths made portable, for files that get committed.
+
+  Paths inside the repository become repo-relative, paths beside it (`../shared`) keep that
+  form, paths in the user cache dir start with `$DSPARK_JAX_CACHE/` (see `demo.models`),
+  other paths under the home directory with `~/`. Dicts, lists and tuples are walked.
+  """
+  if isinstance(obj, dict):
+    return {k: portable(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [portable(v) for v in obj]
+  if not (isinstance(obj, str) and os.path.isabs(obj)):
+    return obj
+  path = os.path.normpath(obj)
+  parent = os.path.dirname(REPO_ROOT)
+  cache = os.environ.get("DSPARK_JAX_CACHE") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+      "dspark_jax")
+  for root, prefix in ((REPO_ROOT, ""), (os.path.normpath(cache), "$DSPARK_JAX_CACHE"),
+                       (parent, ".."), (os.path.expanduser("~"), "~")):
+    if path == root or path.startswith(root + os.sep):
+      rel = os.path.relpath(path, root)
+      if not prefix:
+        return rel
+      return prefix if rel == "." else f"{prefix}/{rel}"
+  return obj
+
+
 def write_json(path: str, obj, *, table: str | None = None) -> None:
-  """Writes `obj` as JSON to `path` (parents created) and, with `table`, prints it and writes
-  it as markdown beside the JSON."""
+  """Writes `obj` as JSON to `path` (parents created, machine paths made `portable`) and,
+  with `table`, prints it and writes it as markdown beside the JSON."""
   import json
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
-    json.dump(obj, f, indent=1)
+    json.dump(portable(obj), f, indent=1)
   if table is not None:
     with open(os.path.splitext(path)[0] + ".md", "w") as f:
       f.write(table + "\n")

@@ -166,9 +166,7 @@ def main(argv=None) -> dict:
         if args.temperature == 0 else None}
   bar.close()
   results["table"] = markdown(results)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(results, f, indent=2)
+  cli.write_json(args.out, results)
   plot(results, png)
   print(results["table"])
   print(f"wrote {args.out} and {png}", file=sys.stderr)

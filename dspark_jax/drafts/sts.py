@@ -23,6 +23,8 @@ import os
 import tempfile
 from typing import Any, Sequence
 
+from dspark_jax import cli
+
 STS_FILE = "sts.json"
 _PER_POSITION = ("ece", "auroc", "brier")
 
@@ -92,7 +94,7 @@ def write_sts(draft_dir: str | os.PathLike, temperatures: Sequence[float], *,
   payload["summary"] = {f"{name}_{tag}": _json_number(report["summary"][name])
                         for tag, report in (("before", report_before), ("after", report_after))
                         for name in _PER_POSITION}
-  payload["fitted_on"] = data
+  payload["fitted_on"] = cli.portable(data)  # committed with drafts: no machine paths
   text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
   draft_dir = os.fspath(draft_dir)
   os.makedirs(draft_dir, exist_ok=True)
@@ -104,6 +106,7 @@ def write_sts(draft_dir: str | os.PathLike, temperatures: Sequence[float], *,
       f.write(text)
       f.flush()
       os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a shipped draft file must be world-readable
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
