@@ -6,23 +6,31 @@ import ml_collections
 
 def get_config():
   c = ml_collections.ConfigDict()
+  c.mode = "batch"  # batch (prompts -> JSONL) | server (OpenAI-compatible HTTP) | chat (CLI)
   c.target = "smollm2-135m-instruct"  # HF dir, hub id, or an embedded demo model name
   c.draft = "demo"  # draft dir; "demo" = the committed demo draft of the demo target; "" = none
   c.dtype = "float32"  # float32 on CPU; bfloat16 on GPU/TPU
-  c.prompts = ""  # JSONL of {"turns": [...]} or {"prompt": ...}; "" = built-in demo prompts
+  c.prompts = ""  # JSONL of {"turns": [...]} / {"prompt": ...}; "" = built-in demo prompts
   c.max_prompts = 0  # read at most this many prompts (0 = all)
-  c.output = ""  # JSONL of outputs with per-row stats; "" = print only
+  c.output = ""  # JSONL of outputs, appended as rows finish; a rerun resumes it; "" = print
   c.chat = True  # render prompts with the tokenizer's chat template
-  c.max_new_tokens = 96
-  c.temperature = 0.0  # 0 = greedy
+  c.max_new_tokens = 96  # per turn (batch, chat); the most a server request may ask for
+  c.temperature = 0.0  # 0 = greedy (batch and chat; server requests bring their own)
   c.top_k = 0  # 0 = off
   c.top_p = 1.0  # 1 = off
+  c.stop = ()  # stop strings for batch jobs, e.g. --config.stop="('\n\n',)"
+  c.n = 1  # samples per prompt (batch)
   c.seed = 0
-  c.batch_size = 8  # rows per device batch (padded to a power of two)
+  c.batch_size = 8  # decode slots: rows decoded together (continuous batching)
+  c.rounds_per_step = 4  # decode rounds per device call between admissions
   c.num_draft_tokens = 0  # draft tokens verified per round; 0 = the draft's trained block
   # Verify-length policy: auto (early_stop with the cached SPS profile and the draft's
   # sts.json when it has a confidence head, else fixed) | fixed | early_stop | global | async
   c.scheduler = "auto"
-  c.warmup = True  # compile on a first batch so tokens/s is steady-state
+  c.warmup = True  # batch: compile on a short first request so tokens/s is steady-state
+  c.host = "127.0.0.1"  # server
+  c.port = 8000  # server
+  c.model_name = ""  # server: the model id clients send ("" = the target name)
+  c.max_waiting = 256  # server: queued requests beyond the slots; more get HTTP 429
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
   return c

@@ -96,3 +96,19 @@ def precheck_argv(argv: Sequence[str], default_file: str | None = None) -> None:
     check_overrides(load_config_file(path), argv)
   except ConfigError as e:
     sys.exit(f"error: {e}")
+
+
+def describe_fields(path: str | os.PathLike) -> str:
+  """`--config.<field>=<default>  <comment>` lines for a flat `configs/*.py` (for --help).
+
+  Reads the config's own source, so the help says what the file says, field by field.
+  """
+  import re
+  lines = []
+  pat = re.compile(r"^\s*c\.(\w+)\s*=\s*(.+?)\s*(?:#\s*(.*))?$")
+  for line in open(path):
+    m = pat.match(line)
+    if m and "ConfigDict" not in m.group(2):
+      name, default, doc = m.group(1), m.group(2), m.group(3) or ""
+      lines.append(f"  --config.{name}={default}" + (f"\n      {doc}" if doc else ""))
+  return "\n".join(lines)

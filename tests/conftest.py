@@ -38,3 +38,24 @@ def torch_or_skip():
     import transformers  # noqa: F401
   except ImportError:
     pytest.skip("torch/transformers not installed (pip install -e '.[test]')")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs(request):
+  """Drop compiled programs and cached buffers after each test module.
+
+  One pytest process compiles a few thousand XLA programs over the suite, and a CI run once
+  died with SIGSEGV inside XLA-CPU compilation late in it; releasing every module's executables
+  keeps the process smaller (set DSPARK_TEST_RSS=<file> to log its size per module). Modules
+  share nothing compiled, so this costs no recompilation inside a module.
+  """
+  yield
+  import gc
+  jax.clear_caches()
+  gc.collect()
+  if os.environ.get("DSPARK_TEST_RSS"):
+    import resource
+    rss = pathlib.Path("/proc/self/statm").read_text().split()[1]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open(os.environ["DSPARK_TEST_RSS"], "a") as f:
+      f.write(f"{request.module.__name__} rss={int(rss) * 4 // 1024} MiB peak={peak // 1024} MiB\n")

@@ -234,8 +234,12 @@ def test_taps_match_transformers_hidden_states(tiny_dirs, targets, name):
       ours = got_taps[r, valid, i * d:(i + 1) * d]
       err = np.abs(ours - want).max()
       assert err < tol, f"{name}: prompt {r} layer {i}: max|dh| {err:.3g} (bound {tol:.3g})"
+    # The final-normed state has the same float32 floor as the taps (CI CPUs land either side
+    # of 1e-4 for Gemma 4): the same bound, from transformers' own float32 error.
+    tol = max(LOGIT_TOL, 2 * np.abs(hs32[n][0].numpy() - hs[n][0].numpy()).max())
     err = np.abs(np.asarray(out.hidden)[r, valid] - hs[n][0].numpy()).max()
-    assert err < LOGIT_TOL, f"{name}: prompt {r} final-normed hidden: max|dh| {err:.3g}"
+    assert err < tol, (f"{name}: prompt {r} final-normed hidden: max|dh| {err:.3g} "
+                       f"(bound {tol:.3g})")
 
 
 def test_taps_keep_the_requested_order(targets):

@@ -15,6 +15,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dspark_jax.typing import Array
 
@@ -28,10 +29,11 @@ TAG_ACCEPT = 2  # acceptance uniforms
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
   """Attributes:
-    temperature: float32 scalar (> 0 unless greedy).
-    top_k: int32 scalar, 0 = off.
-    top_p: float32 scalar, 1 = off.
-    greedy: static; argmax decoding.
+    temperature: float32 scalar (> 0 unless greedy), or `[B]` per row where 0 means that
+      row decodes greedily (see `for_rows`).
+    top_k: int32 scalar or `[B]`, 0 = off.
+    top_p: float32 scalar or `[B]`, 1 = off.
+    greedy: static; every row argmax decoding.
     filtered: static; whether top-k/top-p are applied (they need a vocab sort).
   """
 
@@ -54,6 +56,38 @@ class SamplingParams:
                top_p=jnp.float32(top_p), greedy=greedy,
                filtered=(not greedy) and (top_k > 0 or top_p < 1.0))
 
+  @classmethod
+  def for_rows(cls, temperature, top_k, top_p) -> "SamplingParams":
+    """Per-row settings `[B]` (a server's batch mixes requests): temperature 0 = greedy row.
+
+    A greedy row samples from one-hot distributions, so exact speculative sampling
+    reduces to greedy acceptance for it (same tokens as the static greedy path).
+    """
+    t, k, p = (np.asarray(x) for x in (temperature, top_k, top_p))
+    if t.ndim != 1 or t.shape != k.shape or t.shape != p.shape:
+      raise ValueError(f"per-row sampling params must be equal-length vectors, got shapes "
+                       f"{t.shape}, {k.shape}, {p.shape}")
+    for ti, ki, pi in zip(t.tolist(), k.tolist(), p.tolist()):
+      cls.make(ti, ki, pi)  # same validation and messages as the batch-wide form
+    if np.all(t == 0):
+      return cls.make(0.0)
+    return cls(temperature=jnp.asarray(t, jnp.float32), top_k=jnp.asarray(k, jnp.int32),
+               top_p=jnp.asarray(p, jnp.float32), greedy=False,
+               filtered=bool(np.any((k > 0) | (p < 1.0))))
+
+  def per_row(self, x: Array, value: Array) -> Array:
+    """A scalar or `[B]` setting shaped to broadcast against `x` `[B, ..., V]`."""
+    value = jnp.asarray(value)
+    if value.ndim == 0:
+      return value
+    return value.reshape(value.shape + (1,) * (x.ndim - 1))
+
+  def greedy_rows(self, x: Array) -> Array | None:
+    """bool broadcastable to `x` `[B, ..., V]`: rows decoded greedily (None: none can be)."""
+    if jnp.ndim(self.temperature) == 0:
+      return None
+    return self.per_row(x, self.temperature) <= 0
+
 
 def processed_logits(logits: Array, params: SamplingParams) -> Array:
   """Temperature, then top-k, then top-p (HF order); removed tokens get -inf.
@@ -64,12 +98,14 @@ def processed_logits(logits: Array, params: SamplingParams) -> Array:
   Returns:
     float32 `[..., V]` whose softmax is the sampling distribution (not used when greedy).
   """
-  x = logits.astype(jnp.float32) / params.temperature
+  temp = params.per_row(logits, params.temperature)
+  x = logits.astype(jnp.float32) / jnp.where(temp > 0, temp, 1.0)  # greedy rows: see sample
   if not params.filtered:
     return x
   v = x.shape[-1]
   desc = -jnp.sort(-x, axis=-1)
-  k = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, v), v)
+  top_k = params.per_row(x, params.top_k)
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
   kth = jnp.take_along_axis(desc, jnp.broadcast_to(k - 1, desc.shape[:-1] + (1,)), axis=-1)
   keep = x >= kth  # ties at the threshold are kept, as in HF's TopKLogitsWarper
   desc = jnp.where(desc >= kth, desc, -jnp.inf)
@@ -77,7 +113,7 @@ def processed_logits(logits: Array, params: SamplingParams) -> Array:
   # A token survives top-p if the mass strictly before it (in descending order) is < top_p;
   # the first token always survives.
   before = jnp.cumsum(probs, axis=-1) - probs
-  survive = before < params.top_p
+  survive = before < params.per_row(x, params.top_p)
   n_keep = jnp.maximum(jnp.sum(survive, axis=-1, keepdims=True), 1)
   cutoff = jnp.take_along_axis(desc, n_keep - 1, axis=-1)
   keep &= x >= cutoff
@@ -86,9 +122,13 @@ def processed_logits(logits: Array, params: SamplingParams) -> Array:
 
 def probabilities(logits: Array, params: SamplingParams) -> Array:
   """The sampling distribution `[..., V]` (one-hot argmax when greedy)."""
+  one_hot = lambda: jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1],
+                                   dtype=jnp.float32)
   if params.greedy:
-    return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
-  return jax.nn.softmax(processed_logits(logits, params), axis=-1)
+    return one_hot()
+  probs = jax.nn.softmax(processed_logits(logits, params), axis=-1)
+  greedy = params.greedy_rows(logits)
+  return probs if greedy is None else jnp.where(greedy, one_hot(), probs)
 
 
 def sample(keys: Array, logits: Array, params: SamplingParams) -> Array:
@@ -104,7 +144,11 @@ def sample(keys: Array, logits: Array, params: SamplingParams) -> Array:
   if params.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   x = processed_logits(logits, params)
-  return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+  tok = jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+  greedy = params.greedy_rows(logits)
+  if greedy is None:
+    return tok
+  return jnp.where(greedy[:, 0], jnp.argmax(logits, axis=-1).astype(jnp.int32), tok)
 
 
 def sample_from_probs(keys: Array, probs: Array) -> Array:

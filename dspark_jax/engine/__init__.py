@@ -127,11 +127,14 @@ def _spec_rounds(tgraph, tparams, dgraph, dparams, state, seed_key, params, sche
 
 @functools.partial(jax.jit, donate_argnames=("state",))
 def _insert(state, new, slots):
-  """Rows `slots` `[n]` of `state` replaced by the n rows of `new` (batch-major leaves)."""
+  """Rows `slots` `[n]` of `state` replaced by the n rows of `new` (batch-major leaves).
+
+  A slot >= B drops its row: admissions pad to a bucketed row count.
+  """
   def put(big, small):
     if big.ndim == 0:  # loop-wide scalars (probe counter) keep the running state's value
       return big
-    return big.at[slots].set(small.astype(big.dtype))
+    return big.at[slots].set(small.astype(big.dtype), mode="drop")
   return jax.tree.map(put, state, new)
 
 

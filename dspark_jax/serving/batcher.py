@@ -1,0 +1,419 @@
+"""Continuous batching: a fixed set of B slots, requests admitted between rounds.
+
+One `ContinuousBatcher` owns one running decode state of B rows (plain or speculative).
+Each `step()`:
+
+  1. admits waiting requests into free slots: their prompts are prefilled as one small
+     batch (`Engine.init`, bucketed to a power of two <= B rows) and copied into the
+     running state (`Engine.insert`);
+  2. runs up to `rounds_per_step` decode rounds of every live row in one device call
+     (`Engine.rounds`: one `lax.while_loop`, no host round trip inside);
+  3. downloads the rows' output counters and hands each request its new tokens; a row that
+     ended (stop token, length, stop string, cancel) frees its slot for the next step.
+
+A row's tokens depend on (seed, request id, step) only, never on its batch-mates or on when
+it was admitted, so a request gives the tokens `generate` gives it with the same seed and
+request id (tests). Requests carry their own sampling settings, stop ids/strings and
+limits; per-row settings are arrays, so mixing them does not recompile.
+
+Shapes are static: B slots, capacity C, output buffer O (the largest `max_new_tokens`
+accepted), prompt buckets of powers of two.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dspark_jax.decoding import sampling
+from dspark_jax.decoding.state import Batch
+from dspark_jax.engine import Engine, bucket
+
+
+class RequestError(ValueError):
+  """A request that cannot be served as given (one-line message for the client)."""
+
+
+@dataclasses.dataclass
+class Request:
+  """One generation request.
+
+  Attributes:
+    prompt: token ids.
+    max_new_tokens: limit on new tokens (None = the batcher's `max_new_tokens`, the most it
+      accepts).
+    temperature / top_k / top_p: sampling settings (temperature 0 = greedy).
+    stop_tokens: stop ids (None = the target's eos ids); a generated stop id is kept.
+    stop_strings: text that ends the request; the text is cut before it.
+    request_id: RNG stream id (None = a fresh one); with the batcher's seed it fixes the
+      request's randomness, so equal ids give equal outputs.
+    id: the caller's label (anything).
+    on_update: called from the batcher's thread with this request after new tokens or the
+      end (`done`); must not block.
+  """
+
+  prompt: Sequence[int]
+  max_new_tokens: int | None = None
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  stop_tokens: Sequence[int] | None = None
+  stop_strings: Sequence[str] = ()
+  request_id: int | None = None
+  id: Any = None
+  on_update: Callable[["Request"], None] | None = None
+  # Filled in by the batcher.
+  tokens: list[int] = dataclasses.field(default_factory=list)
+  text: str = ""  # decoded output (stop strings removed), when the target has a tokenizer
+  done: bool = False
+  finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+  rounds: int = 0
+  accept_lengths: list[int] = dataclasses.field(default_factory=list)
+  t_submit: float = 0.0
+  t_first: float | None = None
+  t_done: float | None = None
+  _cancel: bool = False
+  _event: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
+
+  def cancel(self) -> None:
+    """Ends the request at the next step and frees its slot (e.g. the client went away)."""
+    self._cancel = True
+
+  def wait(self, timeout: float | None = None) -> bool:
+    return self._event.wait(timeout)
+
+  def stable_text(self) -> str:
+    """The part of `text` no later token can change (for streaming).
+
+    Holds back an unfinished multi-byte character and, while the request runs, a tail that
+    could still become a stop string.
+    """
+    text = self.text
+    if self.done:
+      return text
+    text = text.rstrip("\ufffd")
+    hold = 0
+    for stop in self.stop_strings:
+      for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:n]):
+          hold = max(hold, n)
+          break
+    return text[:len(text) - hold]
+
+  @property
+  def ttft_s(self) -> float | None:
+    return None if self.t_first is None else self.t_first - self.t_submit
+
+  @property
+  def latency_s(self) -> float | None:
+    return None if self.t_done is None else self.t_done - self.t_submit
+
+
+@dataclasses.dataclass
+class Counters:
+  """Totals since start (what `/metrics` exports; names follow vLLM's spec-decode ones)."""
+
+  requests_finished: int = 0
+  prompt_tokens: int = 0
+  generation_tokens: int = 0
+  steps: int = 0
+  num_drafts: int = 0  # rounds that proposed a block
+  num_draft_tokens: int = 0  # drafts verified
+  num_accepted_tokens: int = 0
+  position_hits: np.ndarray | None = None  # [P]
+  position_tries: np.ndarray | None = None  # [P]
+
+
+class ContinuousBatcher:
+  """Slots + one running decode state; see the module docstring.
+
+  Args:
+    target: a loaded target.
+    draft: a loaded draft (speculative) or None (plain decoding).
+    slots: B, rows decoded together.
+    max_new_tokens: O, the largest per-request limit accepted.
+    max_prompt_len: the longest prompt accepted (default: what the model's context leaves).
+    rounds_per_step: rounds per device call between admissions (latency vs host overhead).
+    num_draft_tokens / scheduler: as in `generate`.
+    seed: RNG seed shared by all requests (each has its own request id stream).
+  """
+
+  def __init__(self, target, draft=None, *, slots: int = 8, max_new_tokens: int = 256,
+               max_prompt_len: int | None = None, rounds_per_step: int = 4,
+               num_draft_tokens: int | None = None, scheduler="fixed", seed: int = 0):
+    from dspark_jax import generation  # SpecSetup: validation shared with generate
+    if slots < 1:
+      raise ValueError(f"slots must be >= 1, got {slots}")
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if rounds_per_step < 1:
+      raise ValueError(f"rounds_per_step must be >= 1, got {rounds_per_step}")
+    self.target, self.draft = target, draft
+    self.slots = slots
+    self.spec = None
+    if draft is not None:
+      self.spec = generation.SpecSetup.make(target, draft, num_draft_tokens, None, slots,
+                                            scheduler=scheduler, batch_size=bucket(slots, 1))
+    extra = self.spec.extra_capacity if self.spec else 0
+    limit = target.config.max_position_embeddings
+    self.max_new_tokens = max_new_tokens
+    self.out_len = bucket(max_new_tokens)
+    if max_prompt_len is None:
+      max_prompt_len = limit - max_new_tokens - extra
+    if max_prompt_len < 1:
+      raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
+                       f"model's {limit} positions")
+    self.max_prompt_len = max_prompt_len
+    self.capacity = bucket(max_prompt_len) + self.out_len + extra
+    self.rounds_per_step = rounds_per_step
+    self.seed_key = jax.random.key(seed)
+    self.engine = Engine.for_target(target)
+    self.counters = Counters()
+    self._ids = itertools.count(1 << 24)  # fresh RNG streams, away from small explicit ids
+    self._queue: collections.deque[Request] = collections.deque()
+    self._lock = threading.Lock()
+    self._rows: list[Request | None] = [None] * slots
+    self._seen = np.zeros((slots,), np.int64)  # tokens already handed to each row's request
+    # Per-row sampling settings of the running state (free slots: greedy, so an all-greedy
+    # workload keeps the static greedy program).
+    self._temp = np.zeros((slots,), np.float32)
+    self._top_k = np.zeros((slots,), np.int32)
+    self._top_p = np.ones((slots,), np.float32)
+    self._stops = max(4, len(target.stop_token_ids))
+    self.state = None
+
+  # ---- requests ---------------------------------------------------------------------------
+  def check(self, req: Request) -> None:
+    """Raises RequestError (one line) if `req` cannot be served."""
+    if not len(req.prompt):
+      raise RequestError("the prompt is empty")
+    if len(req.prompt) > self.max_prompt_len:
+      raise RequestError(f"the prompt has {len(req.prompt)} tokens; this server accepts at "
+                         f"most {self.max_prompt_len}")
+    if req.max_new_tokens is None:
+      req.max_new_tokens = self.max_new_tokens
+    if not 1 <= req.max_new_tokens <= self.max_new_tokens:
+      raise RequestError(f"max_tokens must be in [1, {self.max_new_tokens}], got "
+                         f"{req.max_new_tokens}")
+    try:
+      sampling.SamplingParams.make(req.temperature, req.top_k, req.top_p)
+      self.target.check_token_ids(list(req.prompt))
+    except ValueError as e:
+      raise RequestError(str(e)) from None
+    stops = self.target.stop_token_ids if req.stop_tokens is None else req.stop_tokens
+    if len(stops) > self._stops:
+      raise RequestError(f"at most {self._stops} stop token ids per request")
+
+  def submit(self, req: Request) -> Request:
+    """Queues `req` (validated) for the next free slot; returns it."""
+    self.check(req)
+    if req.request_id is None:
+      req.request_id = next(self._ids)
+    req.t_submit = time.perf_counter()
+    with self._lock:
+      self._queue.append(req)
+    return req
+
+  @property
+  def num_waiting(self) -> int:
+    return len(self._queue)
+
+  @property
+  def num_running(self) -> int:
+    return sum(r is not None for r in self._rows)
+
+  @property
+  def idle(self) -> bool:
+    return not self._queue and self.num_running == 0
+
+  # ---- the step ---------------------------------------------------------------------------
+  def _params(self, temp, top_k, top_p) -> sampling.SamplingParams:
+    return sampling.SamplingParams.for_rows(temp, top_k, top_p)
+
+  def _loop_kw(self) -> dict:
+    if self.spec is None:
+      return {}
+    return dict(draft=self.draft, loop=self.spec.loop)
+
+  def _batch(self, reqs: Sequence[Request], rows: int) -> Batch:
+    tp = bucket(max([1] + [len(r.prompt) for r in reqs]))
+    tokens = np.zeros((rows, tp), np.int32)
+    lengths = np.ones((rows,), np.int32)
+    max_new = np.ones((rows,), np.int32)  # padding rows end at their first token
+    stops = np.full((rows, self._stops), -1, np.int32)
+    rid = np.zeros((rows,), np.int32)
+    for j, r in enumerate(reqs):
+      tokens[j, :len(r.prompt)] = r.prompt
+      lengths[j] = len(r.prompt)
+      max_new[j] = r.max_new_tokens
+      s = list(self.target.stop_token_ids if r.stop_tokens is None else r.stop_tokens)
+      stops[j, :len(s)] = s
+      rid[j] = r.request_id
+    return Batch(jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(max_new),
+                 jnp.asarray(stops), jnp.asarray(rid))
+
+  def _init(self, reqs: Sequence[Request], rows: int):
+    temp = np.zeros((rows,), np.float32)
+    top_k = np.zeros((rows,), np.int32)
+    top_p = np.ones((rows,), np.float32)
+    for j, r in enumerate(reqs):
+      temp[j], top_k[j], top_p[j] = r.temperature, r.top_k, r.top_p
+    kw = self._loop_kw()
+    if self.spec is not None:
+      kw["max_rounds"] = self.out_len
+    return self.engine.init(self._batch(reqs, rows), self.seed_key,
+                            self._params(temp, top_k, top_p), out_len=self.out_len,
+                            capacity=self.capacity, **kw), (temp, top_k, top_p)
+
+  def _admit(self) -> None:
+    if self.state is None:  # every slot starts as a finished padding row
+      self.state, _ = self._init([], self.slots)
+    free = [i for i, r in enumerate(self._rows) if r is None]
+    with self._lock:
+      take = [self._queue.popleft() for _ in range(min(len(free), len(self._queue)))]
+    take = [r for r in take if not self._finish_cancelled(r)]
+    if not take:
+      return
+    rows = min(bucket(len(take), minimum=1), self.slots)
+    new, (temp, top_k, top_p) = self._init(take, rows)
+    slots = np.full((rows,), self.slots, np.int32)  # padding rows -> out of range: dropped
+    for j, r in enumerate(take):
+      slot = free[j]
+      slots[j] = slot
+      self._rows[slot] = r
+      self._seen[slot] = 0
+      self._temp[slot], self._top_k[slot], self._top_p[slot] = temp[j], top_k[j], top_p[j]
+      self.counters.prompt_tokens += len(r.prompt)
+    self.state = self.engine.insert(self.state, new, slots)
+
+  def _finish_cancelled(self, r: Request) -> bool:
+    if r._cancel:
+      self._finish(r, "cancelled")
+      return True
+    return False
+
+  def step(self) -> list[Request]:
+    """Admits, runs up to `rounds_per_step` rounds, hands out tokens.
+
+    Returns the requests that got new tokens or ended in this step.
+    """
+    self._admit()
+    if self.num_running == 0:
+      return []
+    params = self._params(self._temp, self._top_k, self._top_p)
+    kw = self._loop_kw()
+    if self.spec is not None:
+      kw["scheduler"] = self.spec.scheduler
+    self.state = self.engine.rounds(self.state, self.rounds_per_step, self.seed_key, params,
+                                    **kw)
+    self.counters.steps += 1
+    return self._harvest()
+
+  def _harvest(self) -> list[Request]:
+    s = self.state
+    out, num, done, steps = jax.device_get((s.out, s.num_out, s.done, s.steps))
+    now = time.perf_counter()
+    touched, retire = [], np.zeros((self.slots,), bool)
+    tok = self.target.tokenizer
+    for slot, r in enumerate(self._rows):
+      if r is None:
+        continue
+      n = int(num[slot])
+      new = [int(t) for t in out[slot, self._seen[slot]:n]]
+      self._seen[slot] = n
+      if new and r.t_first is None:
+        r.t_first = now
+      r.tokens.extend(new)
+      r.rounds = int(steps[slot])
+      reason = None
+      if tok is not None and new:
+        r.text = tok.decode(r.tokens)
+        cut = _first_stop_string(r.text, r.stop_strings)
+        if cut is not None:
+          r.text = r.text[:cut]
+          reason = "stop"
+      if reason is None and bool(done[slot]):
+        stops = self.target.stop_token_ids if r.stop_tokens is None else r.stop_tokens
+        reason = "stop" if r.tokens and r.tokens[-1] in stops else "length"
+      if reason is None and r._cancel:
+        reason = "cancelled"
+      if reason is not None:
+        if self.spec is not None:
+          self._record_speculative(slot, r)
+        retire[slot] = not bool(done[slot])
+        self._rows[slot] = None
+        self.counters.generation_tokens += len(r.tokens)
+        self._finish(r, reason)
+      elif new and r.on_update is not None:
+        r.on_update(r)
+      if new or reason is not None:
+        touched.append(r)
+    if retire.any():  # stop strings / cancels end rows the device still thinks are live
+      self.state = _retire(self.state, jnp.asarray(retire))
+    return touched
+
+  def _record_speculative(self, slot: int, r: Request) -> None:
+    s = self.state
+    acc, ver, prop, hits, tries = jax.device_get((
+        s.accept_lens[slot], s.verify_lens[slot], s.proposed[slot], s.pos_hits[slot],
+        s.pos_tries[slot]))
+    nr = r.rounds
+    r.accept_lengths = [int(a) for a in acc[:nr]]
+    c = self.counters
+    c.num_drafts += int(np.sum(prop[:nr]))
+    c.num_draft_tokens += int(np.sum(ver[:nr]))
+    c.num_accepted_tokens += int(np.sum(np.maximum(acc[:nr] - 1, 0)))
+    c.position_hits = hits if c.position_hits is None else c.position_hits + hits
+    c.position_tries = tries if c.position_tries is None else c.position_tries + tries
+
+  def _finish(self, r: Request, reason: str) -> None:
+    r.done, r.finish_reason, r.t_done = True, reason, time.perf_counter()
+    if reason != "cancelled":
+      self.counters.requests_finished += 1
+    if r.on_update is not None:
+      r.on_update(r)
+    r._event.set()
+
+  def fail_all(self, reason: str = "error") -> None:
+    """Ends every waiting and running request with `reason` and drops the device state
+    (after a failed step its buffers may have been donated)."""
+    with self._lock:
+      waiting, self._queue = list(self._queue), collections.deque()
+    running = [r for r in self._rows if r is not None]
+    self._rows = [None] * self.slots
+    self.state = None
+    for r in running + waiting:
+      self._finish(r, reason)
+
+  # ---- convenience ------------------------------------------------------------------------
+  def run(self, reqs: Sequence[Request], progress: Callable[[list[Request]], None] | None = None
+          ) -> list[Request]:
+    """Submits `reqs` and steps until all have ended (what batch jobs use)."""
+    for r in reqs:
+      self.submit(r)
+    while not all(r.done for r in reqs):
+      touched = self.step()
+      if progress is not None:
+        progress(touched)
+    return list(reqs)
+
+
+def _first_stop_string(text: str, stops: Sequence[str]) -> int | None:
+  hits = [text.find(s) for s in stops if s]
+  hits = [h for h in hits if h >= 0]
+  return min(hits) if hits else None
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def _retire(state, mask):
+  """Marks rows `mask` `[B]` done (their slots are free; they write and record nothing)."""
+  return dataclasses.replace(state, done=state.done | mask)

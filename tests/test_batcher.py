@@ -1,0 +1,132 @@
+"""Continuous batching: a row's tokens do not depend on its batch-mates or on when it was
+admitted; per-request settings, stop strings, cancels and slot reuse."""
+
+import pytest
+
+import dspark_jax as dj
+from dspark_jax.decoding import sampling
+from dspark_jax.demo import tiny as testing
+from dspark_jax.drafts import api as draft_api
+from dspark_jax.serving.batcher import ContinuousBatcher, Request, RequestError
+
+PROMPTS = [[1, 5, 9, 3, 10, 7, 8, 2, 3, 4, 11], [4, 2, 9, 1, 0], [7, 7], [3, 1, 4, 1, 5, 9, 2],
+           [2, 8, 1], [9, 9, 9, 4, 4, 4, 1, 2, 3, 5, 6, 7, 8, 1, 2, 3, 4, 5], [6], [0, 1, 2]]
+P = 4
+
+
+@pytest.fixture(scope="module")
+def target():
+  cfg = testing.tiny_config("qwen3", vocab=12, layers=3)
+  return testing.random_target(cfg, scale=12.0, seed=2)
+
+
+@pytest.fixture(scope="module")
+def draft(target):
+  return draft_api.init_draft(target, "dspark", num_layers=1, block_size=P,
+                              target_layer_ids=(0, 1), markov_rank=8, seed=0)
+
+
+def _ref(target, draft, i, max_new, temperature, seed=3):
+  return dj.generate(target, [PROMPTS[i]], draft=draft, max_new_tokens=max_new, stop_tokens=[],
+                     temperature=temperature, seed=seed, request_ids=[i]).tokens[0]
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_rows_match_generate_whatever_their_batch_mates(target, draft, speculative):
+  """8 requests of mixed lengths and settings through 3 slots: every request equals its own
+  `generate` (alone, same seed and request id), so admission order and neighbours do not
+  matter; greedy and sampled rows share one batch."""
+  d = draft if speculative else None
+  b = ContinuousBatcher(target, d, slots=3, max_new_tokens=20, rounds_per_step=2, seed=3)
+  lens = [5, 17, 9, 20, 3, 11, 14, 6]
+  temps = [0.0, 1.0, 0.0, 0.7, 1.0, 0.0, 1.3, 1.0]
+  reqs = [Request(prompt=PROMPTS[i], max_new_tokens=lens[i], temperature=temps[i],
+                  stop_tokens=[], request_id=i) for i in range(8)]
+  b.run(reqs)
+  for i, r in enumerate(reqs):
+    assert r.done and r.finish_reason == "length"
+    assert r.tokens == _ref(target, d, i, lens[i], temps[i]), i
+  assert b.idle and b.counters.requests_finished == 8
+  if speculative:
+    c = b.counters
+    assert c.num_drafts > 0 and 0 <= c.num_accepted_tokens <= c.num_draft_tokens
+    for r in reqs:  # the last round may commit past the limit (then cut to it)
+      assert r.rounds == len(r.accept_lengths)
+      assert 0 <= sum(r.accept_lengths) - (len(r.tokens) - 1) <= P
+
+
+def test_greedy_rows_in_a_sampled_batch_are_exactly_greedy(target, draft):
+  """A temperature-0 row decoded beside sampled rows (the per-row path: one-hot
+  distributions through exact speculative sampling) equals static greedy decoding."""
+  params = sampling.SamplingParams.for_rows([0.0, 1.0], [0, 0], [1.0, 1.0])
+  assert not params.greedy
+  b = ContinuousBatcher(target, draft, slots=2, max_new_tokens=16, seed=3)
+  g = Request(prompt=PROMPTS[0], max_new_tokens=16, stop_tokens=[], request_id=0)
+  s = Request(prompt=PROMPTS[1], max_new_tokens=16, temperature=1.0, stop_tokens=[],
+              request_id=1)
+  b.run([g, s])
+  plain = dj.generate(target, [PROMPTS[0]], max_new_tokens=16, stop_tokens=[]).tokens[0]
+  assert g.tokens == plain
+
+
+def test_stop_tokens_cancel_and_slot_reuse(target):
+  b = ContinuousBatcher(target, None, slots=2, max_new_tokens=24, rounds_per_step=1)
+  free = _ref(target, None, 3, 24, 0.0)
+  stop = free[5]
+  r1 = Request(prompt=PROMPTS[3], max_new_tokens=24, stop_tokens=[stop], request_id=3)
+  r2 = Request(prompt=PROMPTS[4], max_new_tokens=24, stop_tokens=[], request_id=4)
+  r3 = Request(prompt=PROMPTS[6], max_new_tokens=24, stop_tokens=[], request_id=6)
+  for r in (r1, r2, r3):
+    b.submit(r)
+  b.step()
+  assert b.num_running == 2 and b.num_waiting == 1
+  r2.cancel()
+  while not (r1.done and r2.done and r3.done):
+    b.step()
+  assert r1.finish_reason == "stop" and r1.tokens == free[:free.index(stop) + 1]
+  assert r2.finish_reason == "cancelled" and len(r2.tokens) < 24
+  # r3 took a freed slot mid-flight and still equals its own run.
+  assert r3.finish_reason == "length" and r3.tokens == _ref(target, None, 6, 24, 0.0)
+  assert b.idle
+
+
+def test_bad_requests_are_one_line_errors(target):
+  b = ContinuousBatcher(target, None, slots=2, max_new_tokens=8, max_prompt_len=16)
+  for req, msg in [(Request(prompt=[]), "empty"),
+                   (Request(prompt=[1] * 17), "at most 16"),
+                   (Request(prompt=[1], max_new_tokens=9), r"max_tokens must be in \[1, 8\]"),
+                   (Request(prompt=[1], temperature=-1), "temperature"),
+                   (Request(prompt=[1], top_p=0.0), "top_p"),
+                   (Request(prompt=[99]), "")]:
+    with pytest.raises(RequestError, match=msg):
+      b.submit(req)
+  with pytest.raises(ValueError, match="slots"):
+    ContinuousBatcher(target, None, slots=0)
+
+
+def test_stable_text_holds_back_possible_stop_strings():
+  r = Request(prompt=[1], stop_strings=["</end>"])
+  r.text = "hello </e"
+  assert r.stable_text() == "hello "
+  r.text = "hello \ufffd"
+  assert r.stable_text() == "hello "
+  r.done = True
+  r.text = "hello"
+  assert r.stable_text() == "hello"
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_admissions_do_not_recompile_the_decode_loop(target, draft, speculative):
+  """The decode-round program compiles once per batcher (B, C, O fixed), whatever the mix of
+  admissions, settings (per-row arrays) and lengths."""
+  from dspark_jax.decoding import loop as loop_lib
+  d = draft if speculative else None
+  name = "spec_rounds" if speculative else "ar_rounds"
+  b = ContinuousBatcher(target, d, slots=4, max_new_tokens=12, rounds_per_step=1, seed=1)
+  b.run([Request(prompt=PROMPTS[0], max_new_tokens=3, temperature=0.5, stop_tokens=[])])
+  before = loop_lib.TRACE_COUNTS.get(name, 0)
+  reqs = [Request(prompt=PROMPTS[i % 8], max_new_tokens=2 + i % 10, temperature=(i % 3) * 0.5,
+                  top_p=0.9 if i % 2 else 1.0, stop_tokens=[]) for i in range(10)]
+  b.run(reqs)
+  # One more program at most: the top-p variant (a static switch) of the sampled loop.
+  assert loop_lib.TRACE_COUNTS.get(name, 0) - before <= 1
