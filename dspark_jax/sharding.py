@@ -31,19 +31,15 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("cache_seq", None),
 )
 
-CACHE_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
+# Logical axes of one KV-cache entry, in `KVCache`'s `[B, K, S, H]` layout (kv heads before
+# slots): rows over the batch axes, kv heads over tensor like the k/v projections that
+# write them, so a verify step reads and writes its own shard without moving the cache.
+CACHE_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")
 
 
-def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Mesh over `(data, fsdp, tensor)`; one entry may be -1 (fill with remaining devices).
-
-  Default: a 1-device mesh on the first device.
-  """
-  if shape is None:
-    devices = list(devices or jax.devices())[:1]
-    return Mesh(np.array(devices).reshape(1, 1, 1), MESH_AXES)
-  devices = list(devices or jax.devices())
+def mesh_dims(shape: Mapping[str, int] | Sequence[int], num_devices: int) -> list[int]:
+  """Axis sizes `[data, fsdp, tensor]` of `shape` (a mapping by axis name or 3 sizes) with
+  its one allowed -1 filled from `num_devices`."""
   if isinstance(shape, Mapping):
     unknown = set(shape) - set(MESH_AXES)
     if unknown:
@@ -57,9 +53,23 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
     raise ValueError("at most one mesh axis may be -1")
   if -1 in dims:
     known = math.prod(d for d in dims if d != -1)
-    if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices do not divide into mesh {dims}")
-    dims[dims.index(-1)] = len(devices) // known
+    if num_devices % known:
+      raise ValueError(f"{num_devices} devices do not divide into mesh {dims}")
+    dims[dims.index(-1)] = num_devices // known
+  return dims
+
+
+def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Mesh over `(data, fsdp, tensor)`; one entry may be -1 (fill with remaining devices).
+
+  Default: a 1-device mesh on the first device.
+  """
+  if shape is None:
+    devices = list(devices or jax.devices())[:1]
+    return Mesh(np.array(devices).reshape(1, 1, 1), MESH_AXES)
+  devices = list(devices or jax.devices())
+  dims = mesh_dims(shape, len(devices))
   n = math.prod(dims)
   if n > len(devices):
     raise ValueError(f"mesh {dict(zip(MESH_AXES, dims))} needs {n} devices, have {len(devices)}")
@@ -106,7 +116,15 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
 
 
 def cache_sharding(mesh: Mesh, shape: Sequence[int], rules=DEFAULT_RULES) -> NamedSharding:
+  """Layout of one cache entry `[B, K, S, H]` (see CACHE_AXES)."""
   return NamedSharding(mesh, spec_for(CACHE_AXES, shape, mesh, rules))
+
+
+def batch_sharding(mesh: Mesh, shape: Sequence[int], rules=DEFAULT_RULES) -> NamedSharding:
+  """Layout of per-row decode state `[B, ...]` (lengths, hidden seeds): rows over the batch
+  axes like the cache they index, everything else replicated."""
+  axes = ("batch",) + (None,) * (len(shape) - 1)
+  return NamedSharding(mesh, spec_for(axes, shape, mesh, rules))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -138,6 +138,14 @@ def test_disconnect_mid_stream_frees_the_slot(server):
 
 
 def test_load_64_concurrent_streams_lose_nothing(target, server, client):
+  """Two waves of 128 streaming requests from 64 threads: each completes with its full
+  output, once; after the second wave the process holds no more device arrays, bytes or
+  live requests than after the first (nothing accumulates per request)."""
+  import gc
+
+  import jax
+
+  from dspark_jax.serving.batcher import Request
   prompts = [f"{chr(97 + i % 26)} {i}" for i in range(8)]
   expected = {p: _offline(target, target.tokenizer.encode(p), 6)[0] for p in prompts}
 
@@ -147,14 +155,40 @@ def test_load_64_concurrent_streams_lose_nothing(target, server, client):
                                             temperature=0, stream=True))
     return k, p, chunks[0].id, "".join(c.choices[0].text for c in chunks)
 
+  def footprint():
+    gc.collect()
+    arrays = jax.live_arrays()
+    return (len(arrays), sum(a.nbytes for a in arrays),
+            sum(isinstance(o, Request) for o in gc.get_objects()))
+
   t0 = time.time()
-  with concurrent.futures.ThreadPoolExecutor(64) as pool:
-    results = list(pool.map(one, range(256)))
+  seen = []
+  for wave in range(2):
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+      results = list(pool.map(one, range(128 * wave, 128 * (wave + 1))))
+    assert sorted(k for k, *_ in results) == list(range(128 * wave, 128 * (wave + 1)))
+    assert len({rid for _, _, rid, _ in results}) == 128  # no response delivered twice
+    for _, p, _, text in results:
+      assert text == expected[p]
+    h = json.loads(_get(server, "/health"))
+    assert h["running"] == 0 and h["waiting"] == 0
+    seen.append(footprint())
   assert time.time() - t0 < 300
-  assert sorted(k for k, *_ in results) == list(range(256))
-  assert len({rid for _, _, rid, _ in results}) == 256  # no response delivered twice
-  for _, p, _, text in results:
-    assert text == expected[p]
-  h = json.loads(_get(server, "/health"))
-  assert h["running"] == 0 and h["waiting"] == 0
+  assert seen[1][0] <= seen[0][0] and seen[1][1] <= seen[0][1], seen  # device arrays
+  assert seen[1][2] <= seen[0][2] < 8, seen  # finished requests are not kept alive
   assert server.loop.batcher.engine.pool.size <= server.loop.batcher.engine.pool.max_buffers
+
+
+def test_benchmark_level_counts_every_token(server):
+  """`serving.bench` drives the server: C clients, full-length (ignore_eos) streams."""
+  from dspark_jax.serving import bench
+  lv = bench.run_level(server.port, ["a b", "c d e", "f"], concurrency=4, per_client=2,
+                       max_tokens=6)
+  assert lv["requests"] == 8 and lv["tokens"] == 48 and lv["all_full_length"]
+  assert lv["throughput_tok_s"] > 0 and lv["ttft_p50_s"] <= lv["latency_p50_s"]
+  assert lv["latency_p50_s"] <= lv["latency_p99_s"]
+  levels = [dict(lv, concurrency=1, throughput_tok_s=5.0, per_user_tok_s_p50=9.0),
+            dict(lv, concurrency=4, throughput_tok_s=12.0, per_user_tok_s_p50=4.0)]
+  assert bench.at_sla(levels, 3.0) == {"concurrency": 4, "throughput_tok_s": 12.0}
+  assert bench.at_sla(levels, 8.0) == {"concurrency": 1, "throughput_tok_s": 5.0}
+  assert bench.at_sla(levels, 10.0) is None

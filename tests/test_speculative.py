@@ -169,21 +169,31 @@ def peaked_target():
   return testing.random_target(cfg, scale=16.0, seed=11)
 
 
-@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 3)])
-def test_sampled_speculative_matches_target_distribution(peaked_target, temperature, top_k):
+@pytest.mark.parametrize("temperature,top_k,top_p,candidates", [
+    (1.0, 0, 1.0, None), (0.7, 3, 1.0, None),
+    # Two candidates: the draft samples from a nucleus cut to its 2 largest logits, the
+    # target's filter falls back to the bisection; the output must still be exact.
+    (1.0, 0, 0.95, 2)])
+def test_sampled_speculative_matches_target_distribution(peaked_target, temperature, top_k,
+                                                         top_p, candidates, monkeypatch,
+                                                         request):
   target = peaked_target
   prompt = [1, 4, 2, 5]
   n = 20_000
   draft = draft_api.init_draft(target, "dspark", num_layers=1, block_size=3,
                                target_layer_ids=(0,), markov_rank=4, seed=3)
-  params = sampling.SamplingParams.make(temperature, top_k)
-  seqs, probs = exact_sequence_probs(target, prompt, params, 6)
+  params = sampling.SamplingParams.make(temperature, top_k, top_p)
+  seqs, probs = exact_sequence_probs(target, prompt, params, 6)  # the sorted definition
   index = {tuple(s): i for i, s in enumerate(seqs)}
+  if candidates is not None:  # read at trace time: retrace everything with it
+    monkeypatch.setattr(sampling, "CANDIDATES", candidates)
+    jax.clear_caches()
+    request.addfinalizer(jax.clear_caches)  # no program traced with it outlives the test
 
   def counts_for(accept_rule):
     res = dj.generate(target, [prompt] * n, draft=draft, max_new_tokens=3, stop_tokens=[],
-                      temperature=temperature, top_k=top_k, seed=42, batch_size=4096,
-                      acceptance=accept_rule)
+                      temperature=temperature, top_k=top_k, top_p=top_p, seed=42,
+                      batch_size=4096, acceptance=accept_rule)
     c = np.zeros(len(seqs))
     for t in res.tokens:
       c[index[tuple(t)]] += 1

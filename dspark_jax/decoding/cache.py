@@ -21,6 +21,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from dspark_jax import sharding as sharding_lib
 from dspark_jax.config import ModelConfig
 from dspark_jax.typing import Array
 from kernels import attention as attn_kernels
@@ -48,6 +49,19 @@ class KVCache:
       ks.append(jnp.zeros(shape, dtype))
       vs.append(jnp.zeros(shape, dtype))
     return cls(tuple(ks), tuple(vs), jnp.zeros((batch,), jnp.int32))
+
+  def shardings(self, mesh) -> "KVCache":
+    """The layout of this cache on `mesh`, as a KVCache of NamedShardings: entries
+    `[B, K, S, H]` by `sharding.CACHE_AXES` (rows over data, kv heads over tensor), lengths
+    over the row axes. It is the layout the jitted loop hands back, so pooled and fresh
+    buffers are interchangeable."""
+    entry = lambda x: sharding_lib.cache_sharding(mesh, x.shape)
+    return KVCache(tuple(map(entry, self.k)), tuple(map(entry, self.v)),
+                   sharding_lib.batch_sharding(mesh, self.lengths.shape))
+
+  def place(self, mesh) -> "KVCache":
+    """This cache moved to its `shardings(mesh)`."""
+    return jax.device_put(self, self.shardings(mesh))
 
   @property
   def capacity(self) -> int:

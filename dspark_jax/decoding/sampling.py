@@ -1,8 +1,10 @@
 """Temperature / top-k / top-p processing and per-request RNG.
 
-The same `processed_logits` is applied to target and draft logits, so speculative
-sampling reproduces exactly the *filtered* target distribution. Greedy decoding is
-a static switch (`SamplingParams.greedy`): argmax, no RNG.
+The target's distribution is the exactly filtered one (HF's temperature, top-k, top-p).
+Drafts sample from the same filter restricted to each row's largest logits
+(`processed_logits(exact=False)`); the acceptance test divides by that same draft
+distribution, so speculative sampling still reproduces the filtered target distribution
+exactly. Greedy decoding is a static switch (`SamplingParams.greedy`): argmax, no RNG.
 
 RNG: a row's key for a step is `fold_in(fold_in(key(seed), request_id), step)`, and
 each use within a step folds in its own tag, so a request's samples depend on
@@ -89,11 +91,27 @@ class SamplingParams:
     return self.per_row(x, self.temperature) <= 0
 
 
-def processed_logits(logits: Array, params: SamplingParams) -> Array:
+# Top-k / top-p look at the CANDIDATES largest logits of a row first (`lax.top_k`, ~50x
+# cheaper than sorting a 49k-152k vocabulary on every round). Exact filtering (the target's
+# distribution) falls back, only when some row's cut lies beyond them, to a bisection over
+# the float order (64 masked reductions, ~15x cheaper than the sort): same cut as the sort.
+# Read when a function is traced.
+CANDIDATES = 256
+
+
+def processed_logits(logits: Array, params: SamplingParams, *, exact: bool = True,
+                     candidates: int | None = None) -> Array:
   """Temperature, then top-k, then top-p (HF order); removed tokens get -inf.
 
   Args:
     logits: float `[..., V]`.
+    exact: True: exactly HF's filter (what the target's distribution must be). False:
+      top-k / top-p among each row's `candidates` largest logits only (a nucleus wider
+      than that is cut to them). Drafts sample from this cheaper filter: speculative
+      sampling is lossless for any draft distribution, provided the acceptance test uses
+      the same one the drafts were sampled from.
+    candidates: the fast path's candidate count (default `CANDIDATES`); with `exact`
+      results do not depend on it.
 
   Returns:
     float32 `[..., V]` whose softmax is the sampling distribution (not used when greedy).
@@ -102,48 +120,131 @@ def processed_logits(logits: Array, params: SamplingParams) -> Array:
   x = logits.astype(jnp.float32) / jnp.where(temp > 0, temp, 1.0)  # greedy rows: see sample
   if not params.filtered:
     return x
+  c = CANDIDATES if candidates is None else candidates
   v = x.shape[-1]
-  desc = -jnp.sort(-x, axis=-1)
   top_k = params.per_row(x, params.top_k)
-  k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
-  kth = jnp.take_along_axis(desc, jnp.broadcast_to(k - 1, desc.shape[:-1] + (1,)), axis=-1)
+  k = jnp.broadcast_to(jnp.where(top_k > 0, jnp.minimum(top_k, v), v), x.shape[:-1] + (1,))
+  top_p = jnp.broadcast_to(params.per_row(x, params.top_p), x.shape[:-1] + (1,))
+  if c >= v:  # small vocabularies: the definition, on the sorted row
+    return _filter(x, -jnp.sort(-x, axis=-1), k, top_p)[0]
+  cand = jax.lax.top_k(x, c)[0]
+  fast, covered = _filter(x, cand, k, top_p)
+  if not exact:
+    return fast
+  # The k-th value is read off the candidates wherever k <= C (top-k 50 with a wide nucleus
+  # then bisects only for top-p).
+  kth = jnp.where(k >= v, -jnp.inf, jnp.take_along_axis(cand, jnp.minimum(k, c) - 1, axis=-1))
+  kth = jnp.where((k <= c) | (k >= v), kth, jnp.nan)
+  return jax.lax.cond(jnp.all(covered), lambda: fast, lambda: _bisect_filter(x, k, top_p, kth))
+
+
+def _order_key(x: Array) -> Array:
+  """uint32 keys ordered as the float32 values (sign-magnitude to unsigned order)."""
+  u = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return jnp.where(u >> 31 == 1, ~u, u | jnp.uint32(1 << 31))
+
+
+def _order_value(key: Array) -> Array:
+  u = jnp.where(key >> 31 == 1, key ^ jnp.uint32(1 << 31), ~key)
+  return jax.lax.bitcast_convert_type(u, jnp.float32)
+
+
+def _bisect_filter(x: Array, k: Array, top_p: Array, kth: Array | None = None) -> Array:
+  """`_filter` on the whole row without a sort: both thresholds are found by bisection over
+  the 2^32 float32 keys (32 steps each), each step one masked reduction over V.
+
+  The k-th value is the largest c with #{x >= c} >= k; the top-p cut the smallest c with
+  mass{x > c} < top_p (mass over the top-k survivors), which is the value whose prefix mass
+  in descending order first reaches top_p: the sort's cut. `kth`, where given and not NaN,
+  is each row's known k-th value; its search is skipped when every row's is known.
+  """
+  def search(lo, hi, pred):  # pred false at lo, true at hi, monotone: smallest true key
+    def body(_, bounds):
+      lo, hi = bounds
+      mid = lo + (hi - lo) // 2
+      ok = pred(_order_value(mid))
+      return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+    return jax.lax.fori_loop(0, 32, body, (lo, hi))[1]
+
+  v = x.shape[-1]
+  x_min = jnp.min(x, axis=-1, keepdims=True)
+  x_max_key = _order_key(jnp.max(x, axis=-1, keepdims=True))
+
+  def search_kth():  # k-th largest value: #{x >= c} < k first holds one key above it
+    above_kth = search(_order_key(x_min), x_max_key + 1,
+                       lambda c: jnp.sum(x >= c, axis=-1, keepdims=True) < k)
+    found = jnp.where(k >= v, -jnp.inf, _order_value(above_kth - 1))
+    return found if kth is None else jnp.where(jnp.isnan(kth), found, kth)
+
+  kth = search_kth() if kth is None else jax.lax.cond(jnp.any(jnp.isnan(kth)), search_kth,
+                                                      lambda: kth)
+  keep = x >= kth
+  log_z = jax.nn.logsumexp(jnp.where(keep, x, -jnp.inf), axis=-1, keepdims=True)
+  probs = jnp.where(keep, jnp.exp(x - log_z), 0.0)
+  lowest = _order_key(jnp.maximum(kth, x_min))
+  cutoff = _order_value(search(
+      lowest - 1, x_max_key,
+      lambda c: jnp.sum(jnp.where(x > c, probs, 0.0), axis=-1, keepdims=True) < top_p))
+  cutoff = jnp.where(top_p >= 1.0, -jnp.inf, cutoff)
+  return jnp.where(keep & (x >= cutoff), x, -jnp.inf)
+
+
+def _filter(x: Array, desc: Array, k: Array, top_p: Array) -> tuple[Array, Array]:
+  """Top-k then top-p on `x` `[..., V]` from `desc` `[..., C]`, its C largest values sorted
+  descending (C = V: the whole sorted row).
+
+  Returns the filtered logits and, per row, whether the C values decide the cut exactly
+  (always true when C = V): the k-th value is among them, and so is the top-p cut.
+  """
+  c, v = desc.shape[-1], x.shape[-1]
+  kth = jnp.take_along_axis(desc, jnp.minimum(k, c) - 1, axis=-1)
+  kth = jnp.where(k >= v, -jnp.inf, kth)  # top-k off (or k >= V): keep every token
   keep = x >= kth  # ties at the threshold are kept, as in HF's TopKLogitsWarper
-  desc = jnp.where(desc >= kth, desc, -jnp.inf)
-  probs = jax.nn.softmax(desc, axis=-1)
+  # The k-th value must be among the C (ties beyond them are still kept: `keep` and the
+  # normaliser below read the whole row).
+  covered_k = (k >= v) | (k <= c)
+  # Top-p renormalises over the top-k survivors: their log-normaliser over the whole row.
+  log_z = jax.nn.logsumexp(jnp.where(keep, x, -jnp.inf), axis=-1, keepdims=True)
+  probs = jnp.where(desc >= kth, jnp.exp(desc - log_z), 0.0)
   # A token survives top-p if the mass strictly before it (in descending order) is < top_p;
   # the first token always survives.
   before = jnp.cumsum(probs, axis=-1) - probs
-  survive = before < params.per_row(x, params.top_p)
+  survive = before < top_p
   n_keep = jnp.maximum(jnp.sum(survive, axis=-1, keepdims=True), 1)
   cutoff = jnp.take_along_axis(desc, n_keep - 1, axis=-1)
+  # Exact when the C-th value's prefix mass already reaches top_p (or top-p is off).
+  covered_p = (top_p >= 1.0) | (c == v) | ~survive[..., -1:]
+  cutoff = jnp.where(top_p >= 1.0, -jnp.inf, cutoff)
   keep &= x >= cutoff
-  return jnp.where(keep, x, -jnp.inf)
+  return jnp.where(keep, x, -jnp.inf), covered_k & covered_p
 
 
-def probabilities(logits: Array, params: SamplingParams) -> Array:
-  """The sampling distribution `[..., V]` (one-hot argmax when greedy)."""
+def probabilities(logits: Array, params: SamplingParams, *, exact: bool = True) -> Array:
+  """The sampling distribution `[..., V]` (one-hot argmax when greedy); `exact=False`: the
+  draft's cheaper filter (see `processed_logits`)."""
   one_hot = lambda: jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1],
                                    dtype=jnp.float32)
   if params.greedy:
     return one_hot()
-  probs = jax.nn.softmax(processed_logits(logits, params), axis=-1)
+  probs = jax.nn.softmax(processed_logits(logits, params, exact=exact), axis=-1)
   greedy = params.greedy_rows(logits)
   return probs if greedy is None else jnp.where(greedy, one_hot(), probs)
 
 
-def sample(keys: Array, logits: Array, params: SamplingParams) -> Array:
+def sample(keys: Array, logits: Array, params: SamplingParams, *, exact: bool = True) -> Array:
   """One token per row.
 
   Args:
     keys: `[B]` PRNG keys (ignored when greedy).
     logits: `[B, V]`.
+    exact: False for draft tokens (see `processed_logits`).
 
   Returns:
     int32 `[B]`.
   """
   if params.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  x = processed_logits(logits, params)
+  x = processed_logits(logits, params, exact=exact)
   tok = jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
   greedy = params.greedy_rows(logits)
   if greedy is None:

@@ -42,6 +42,7 @@ from dspark_jax.decoding.cache import KVCache
 from dspark_jax.decoding.loop import count_trace, first_token, prefill
 from dspark_jax.decoding.state import Batch, Pack, Proposal, Rows, SpecState
 from dspark_jax.typing import Array
+from kernels import prefix_accept as accept_kernels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,17 +162,23 @@ def accept(target_logits: Array, proposal: Proposal, verify_len: Array, keys_acc
   slot = jnp.arange(p)[None, :]
   in_window = slot < verify_len[:, None]
   rows = jnp.arange(b)
+  kernel = accept_kernels.choose()  # DSPARK_KERNELS=pallas: the fused kernel, same results
   if params.greedy:
+    if kernel.pallas:
+      return accept_kernels.greedy_accept(target_logits, drafts, verify_len, choice=kernel)
     best = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [B, P+1]
     ok = (drafts == best[:, :p]) & in_window
     n_acc = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
     return n_acc, best[rows, n_acc]
 
   pt = sampling.probabilities(target_logits, params)  # [B, P+1, V]
-  qd = sampling.probabilities(proposal.logits, params)  # [B, P, V]
+  qd = sampling.probabilities(proposal.logits, params, exact=False)  # [B, P, V], as drafted
   p_x = jnp.take_along_axis(pt[:, :p], drafts[..., None], axis=-1)[..., 0]
   q_x = jnp.take_along_axis(qd, drafts[..., None], axis=-1)[..., 0]
   u = jax.vmap(lambda k: jax.random.uniform(k, (p,)))(keys_accept)
+  if kernel.pallas:  # the noise `sample_from_probs` would draw, drawn up front
+    noise = jax.vmap(lambda k: jax.random.gumbel(k, pt.shape[-1:], jnp.float32))(keys_sample)
+    return accept_kernels.prefix_accept(pt, qd, drafts, verify_len, u, noise, choice=kernel)
   # accept iff u < min(1, p/q)  <=>  u * q < p  (q > 0 for a sampled token; no division)
   ok = (u * q_x < p_x) & in_window
   n_acc = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dspark_jax import sharding as sharding_lib
 from dspark_jax.checkpoints import hf as hf_ckpt
 from dspark_jax.checkpoints.safetensors_io import TensorReader, save_tensors
 from dspark_jax.config import FULL, ModelConfig
@@ -200,8 +201,11 @@ def _carry_sts(draft: Draft, path: str, tmp: str) -> None:
       return
 
 
-def load_draft(path: str | os.PathLike, target, *, dtype=None) -> Draft:
+def load_draft(path: str | os.PathLike, target, *, dtype=None, mesh=None) -> Draft:
   """Reads a DeepSpec (or dspark_jax) draft directory for `target`.
+
+  The params are sharded over `mesh` by the logical-axis rules (default: the target's mesh,
+  so the draft and the target meet in one jitted program on the same devices).
 
   `path="demo"` loads the committed demo draft of the embedded demo target
   (`dspark_jax/assets/drafts/`, see `dspark_jax.demo.DEMO_DRAFTS`).
@@ -240,7 +244,10 @@ def load_draft(path: str | os.PathLike, target, *, dtype=None) -> Draft:
         raise DraftConfigError(f"{name} has shape {reader.shape(name)}; the target needs "
                                f"({target.config.vocab_size}, {target.config.hidden_size})")
     source_dtype = str(reader.get(reader.keys()[0]).dtype) if reader.keys() else None
-    module = hf_ckpt.load_into(abstract, path, dtype=dtype, reader=reader,
+    mesh = mesh if mesh is not None else getattr(target, "mesh", None)
+    shardings = (None if mesh is None else
+                 sharding_lib.state_shardings(nnx.state(abstract), mesh))
+    module = hf_ckpt.load_into(abstract, path, dtype=dtype, reader=reader, shardings=shardings,
                                ignore=[r"embed_tokens\.weight", r"lm_head\.weight"])
   finally:
     reader.close()

@@ -133,7 +133,7 @@ class Eagle3Runtime:
       h, c = carry
       z = draft.logits(tmodel, h)
       kk = jax.vmap(lambda key: jax.random.fold_in(key, k))(keys)
-      tok = sampling.sample(kk, z, params)
+      tok = sampling.sample(kk, z, params, exact=False)
       pos = (anchor_pos + k)[:, None]
       out, c = cached_forward(draft, c, h[:, None], tmodel.embed(tok[:, None]).astype(h.dtype),
                               pos)

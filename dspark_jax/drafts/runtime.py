@@ -14,6 +14,7 @@ from dspark_jax.decoding.cache import KVCache
 from dspark_jax.decoding.state import Proposal
 from dspark_jax.drafts import parallel
 from dspark_jax.typing import Array
+from kernels import markov_sampler as markov_kernels
 
 
 def position_keys(keys: Array, k) -> Array:
@@ -45,13 +46,22 @@ def sequential_sample(markov_head, confidence_head, with_markov: bool, base: Arr
     vocab_ids: int32 `[N]` target ids of a reduced draft vocabulary, or None.
   """
   b = anchor.shape[0]
+  # The fused kernel covers the vanilla head without top-k/top-p; `DSPARK_KERNELS` picks it.
+  blocker = (f"{markov_head.kind} Markov head (only the vanilla head is fused)"
+             if markov_head.kind != "vanilla" else
+             "top-k/top-p filtering" if params.filtered else None)
+  choice = markov_kernels.choose(vocab=base.shape[-1], rank=markov_head.rank,
+                                 unsupported=blocker)
+  if choice.pallas:
+    return _fused_sequential_sample(markov_head, confidence_head, with_markov, base, hidden,
+                                    anchor, keys, params, vocab_ids, choice)
 
   def step(carry, xs):
     prev, st = carry
     u_k, h_k, k = xs
     bias, e, st = markov_head.step(h_k, prev, st)
     z = u_k + (bias if vocab_ids is None else jnp.take(bias, vocab_ids, axis=-1))
-    tok = sampling.sample(position_keys(keys, k), z, params)
+    tok = sampling.sample(position_keys(keys, k), z, params, exact=False)
     if vocab_ids is not None:
       tok = vocab_ids[tok]
     conf = (confidence_head(h_k, e if with_markov else None) if confidence_head is not None
@@ -68,12 +78,47 @@ def sequential_sample(markov_head, confidence_head, with_markov: bool, base: Arr
                   confidence=jnp.swapaxes(conf, 0, 1) if confidence_head is not None else None)
 
 
+def _fused_sequential_sample(markov_head, confidence_head, with_markov: bool, base: Array,
+                             hidden: Array, anchor: Array, keys: Array,
+                             params: sampling.SamplingParams, vocab_ids: Array | None,
+                             choice) -> Proposal:
+  """`sequential_sample` through `kernels.markov_sampler` (same tokens for the same keys).
+
+  The Gumbel noise `jax.random.categorical` would draw at each position is drawn up front
+  from the same keys; the confidences, which need only the sampled prefix, follow in one
+  batched call.
+  """
+  b, p, n = base.shape
+  w1 = markov_head.markov_w1.embedding[...]
+  w2 = markov_head.markov_w2.kernel[...]
+  if vocab_ids is not None:  # candidates are the draft vocabulary's tokens
+    w1, w2 = jnp.take(w1, vocab_ids, axis=0), jnp.take(w2, vocab_ids, axis=1)
+  noise = temperature = greedy_rows = None
+  if not params.greedy:
+    gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (n,), jnp.float32))
+    noise = jnp.stack([gumbel(position_keys(keys, k)) for k in range(p)], axis=1)
+    temperature = jnp.broadcast_to(params.temperature, (b,))
+    greedy_rows = None if jnp.ndim(params.temperature) == 0 else temperature <= 0
+  toks, z = markov_kernels.markov_sample(base, markov_head.embed_prev(anchor, hidden.dtype), w1,
+                                         w2, noise=noise, temperature=temperature,
+                                         greedy_rows=greedy_rows, choice=choice)
+  if vocab_ids is not None:
+    toks = vocab_ids[toks]
+  conf = None
+  if confidence_head is not None:
+    prev = jnp.concatenate([anchor.astype(jnp.int32)[:, None], toks[:, :-1]], axis=1)
+    e = markov_head.embed_prev(prev, hidden.dtype) if with_markov else None
+    conf = confidence_head(hidden, e)
+  vocab = markov_head.markov_w1.embedding.shape[0]
+  return Proposal(tokens=toks, logits=to_target_vocab(z, vocab_ids, vocab), confidence=conf)
+
+
 def parallel_sample(confidence_head, base: Array, hidden: Array, keys: Array,
                     params: sampling.SamplingParams, vocab_ids: Array | None = None,
                     vocab_size: int = 0) -> Proposal:
   """No sequential head (DFlash): every position sampled independently from U_k."""
   p = base.shape[1]
-  toks = jnp.stack([sampling.sample(position_keys(keys, k), base[:, k], params)
+  toks = jnp.stack([sampling.sample(position_keys(keys, k), base[:, k], params, exact=False)
                     for k in range(p)], axis=1)
   if vocab_ids is not None:
     toks = vocab_ids[toks]

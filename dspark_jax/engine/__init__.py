@@ -174,19 +174,19 @@ class Engine:
     key = ("target", t.config, jnp.dtype(t.dtype).name, batch, capacity)
     cache = self.pool.take(key)
     if cache is None:
-      mesh = t.mesh
-      cache = KVCache.init(t.config, batch, capacity, t.dtype)
-      shard = lambda x: jax.device_put(x, sharding_lib.cache_sharding(mesh, x.shape))
-      cache = KVCache(tuple(map(shard, cache.k)), tuple(map(shard, cache.v)),
-                      jax.device_put(cache.lengths, sharding_lib.replicated(mesh)))
+      cache = KVCache.init(t.config, batch, capacity, t.dtype).place(t.mesh)
     return key, cache
 
   def _draft_state(self, d, batch: int, capacity: int):
     key = ("draft", d.config, jnp.dtype(d.dtype).name, batch, capacity)
     state = self.pool.take(key)
     if state is None:
-      state = jax.device_put(d.runtime.init_state(d.config, batch, capacity, d.dtype),
-                             sharding_lib.replicated(self.target.mesh))
+      mesh = self.target.mesh
+      state = jax.tree.map(  # caches by their own layout, other per-row state over rows
+          lambda x: x.place(mesh) if isinstance(x, KVCache) else
+          jax.device_put(x, sharding_lib.batch_sharding(mesh, x.shape)),
+          d.runtime.init_state(d.config, batch, capacity, d.dtype),
+          is_leaf=lambda x: isinstance(x, KVCache))
     return key, state
 
   # ---- one batch, one program -----------------------------------------------------------------

@@ -214,8 +214,12 @@ def create_app(target, batcher: ContinuousBatcher, loop: EngineLoop, *, model_na
       raise RequestError(f"bad sampling parameter: {e}") from None
     if seed is not None and not 0 <= seed < 1 << 24:
       raise RequestError("seed must be in [0, 2**24)")
+    ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: length-only requests
+    if not isinstance(ignore_eos, bool):
+      raise RequestError("ignore_eos must be true or false")
     return Request(prompt=ids, max_new_tokens=max_tokens, temperature=temperature,
                    top_k=top_k, top_p=top_p, stop_strings=tuple(stop), request_id=seed,
+                   stop_tokens=[] if ignore_eos else None,
                    id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24])
 
   async def handle(http: HTTPRequest, chat: bool):

@@ -11,9 +11,7 @@ IMPLEMENTATIONS = ("xla",)  # backends built for this op
 def attention(q, *segments, q_positions=None, scale: float, softcap: float | None = None,
               implementation: str | None = None):
   """See `reference.attention`. "auto" picks the fastest built backend for the platform."""
-  impl = dispatch.implementation(implementation)
-  if impl == "pallas":
-    raise NotImplementedError("no Pallas backend is built for segment attention yet; use "
-                              "implementation='xla' (or DSPARK_KERNELS=xla/auto)")
+  dispatch.resolve("segment attention", implementation, built=False,
+                   unsupported="no Pallas backend is built for segment attention yet")
   return reference.attention(q, *segments, q_positions=q_positions, scale=scale,
                              softcap=softcap)
