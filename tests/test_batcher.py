@@ -117,8 +117,8 @@ def test_stable_text_holds_back_possible_stop_strings():
 
 @pytest.mark.parametrize("speculative", [False, True])
 def test_admissions_do_not_recompile_the_decode_loop(target, draft, speculative):
-  """The decode-round program compiles once per batcher (B, C, O fixed), whatever the mix of
-  admissions, settings (per-row arrays) and lengths."""
+  """The decode-round program compiles once per batcher and live-row bucket (B, C, O fixed),
+  whatever the mix of admissions, settings (per-row arrays) and lengths."""
   from dspark_jax.decoding import loop as loop_lib
   d = draft if speculative else None
   name = "spec_rounds" if speculative else "ar_rounds"
@@ -128,5 +128,14 @@ def test_admissions_do_not_recompile_the_decode_loop(target, draft, speculative)
   reqs = [Request(prompt=PROMPTS[i % 8], max_new_tokens=2 + i % 10, temperature=(i % 3) * 0.5,
                   top_p=0.9 if i % 2 else 1.0, stop_tokens=[]) for i in range(10)]
   b.run(reqs)
-  # One more program at most: the top-p variant (a static switch) of the sampled loop.
-  assert loop_lib.TRACE_COUNTS.get(name, 0) - before <= 1
+  # At most one program per live-row bucket (1, 2, 4) and top-p switch (a static switch of
+  # the sampled loop), however the admissions mix ...
+  again = lambda: [Request(prompt=PROMPTS[i % 8], max_new_tokens=2 + i % 10,
+                           temperature=(i % 3) * 0.5, top_p=0.9 if i % 2 else 1.0,
+                           stop_tokens=[]) for i in reversed(range(10))]
+  b.run(again())
+  assert loop_lib.TRACE_COUNTS.get(name, 0) - before <= 3 * 2
+  # ... and nothing new for a mix already seen.
+  seen = loop_lib.TRACE_COUNTS.get(name, 0)
+  b.run(again())
+  assert loop_lib.TRACE_COUNTS.get(name, 0) == seen

@@ -100,11 +100,28 @@ def _ar_init(graphdef, params, batch, cache, seed_key, sampling_params, *, out_l
                           out_len=out_len)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
-def _ar_rounds(graphdef, params, state, seed_key, sampling_params, num_steps):
+def _head(tree, rows: int | None):
+  """The first `rows` rows of every batch-major leaf (scalars as they are)."""
+  if rows is None:
+    return tree
+  return jax.tree.map(lambda x: x if jnp.ndim(x) == 0 else x[:rows], tree)
+
+
+def _put_head(full, head, rows: int | None):
+  """`full` with its first rows replaced by `head`'s (scalars: `head`'s)."""
+  if rows is None:
+    return head
+  return jax.tree.map(lambda f, h: h if jnp.ndim(f) == 0 else
+                      jax.lax.dynamic_update_slice_in_dim(f, h.astype(f.dtype), 0, axis=0),
+                      full, head)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "rows"), donate_argnames=("state",))
+def _ar_rounds(graphdef, params, state, seed_key, sampling_params, num_steps, rows=None):
   loop_lib.count_trace("ar_rounds")
-  return loop_lib.ar_rounds(nnx.merge(graphdef, params), state, seed_key, sampling_params,
-                            num_steps)
+  head = loop_lib.ar_rounds(nnx.merge(graphdef, params), _head(state, rows), seed_key,
+                            _head(sampling_params, rows), num_steps)
+  return _put_head(state, head, rows)
 
 
 @functools.partial(jax.jit, static_argnames=("tgraph", "dgraph", "loop", "out_len", "max_rounds"),
@@ -116,13 +133,15 @@ def _spec_init(tgraph, tparams, dgraph, dparams, batch, cache, draft_state, seed
                                max_rounds=max_rounds)
 
 
-@functools.partial(jax.jit, static_argnames=("tgraph", "dgraph", "loop"),
+@functools.partial(jax.jit, static_argnames=("tgraph", "dgraph", "loop", "rows"),
                    donate_argnames=("state",))
 def _spec_rounds(tgraph, tparams, dgraph, dparams, state, seed_key, params, scheduler,
-                 verify_cap, num_rounds, *, loop):
+                 verify_cap, num_rounds, *, loop, rows=None):
   loop_lib.count_trace("spec_rounds")
-  return speculative.spec_rounds(nnx.merge(tgraph, tparams), nnx.merge(dgraph, dparams), loop,
-                                 state, seed_key, params, scheduler, verify_cap, num_rounds)
+  head = speculative.spec_rounds(nnx.merge(tgraph, tparams), nnx.merge(dgraph, dparams), loop,
+                                 _head(state, rows), seed_key, _head(params, rows), scheduler,
+                                 _head(verify_cap, rows), num_rounds)
+  return _put_head(state, head, rows)
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -242,18 +261,26 @@ class Engine:
                       max_rounds=max_rounds or out_len)
 
   def rounds(self, state, num_rounds: int, seed_key, params, *, draft=None,
-             loop: speculative.LoopSpec | None = None, scheduler=None, verify_cap=None):
-    """Up to `num_rounds` rounds (decode steps when plain) of `state`, on device."""
+             loop: speculative.LoopSpec | None = None, scheduler=None, verify_cap=None,
+             rows: int | None = None):
+    """Up to `num_rounds` rounds (decode steps when plain) of `state`, on device.
+
+    `rows` (static): only the first `rows` rows run (the others keep their state), so a
+    server with few live requests in its low slots does not pay for all of them; one
+    program per distinct value.
+    """
     t = self.target
     n = jnp.int32(num_rounds)
+    if rows is not None and rows >= next(x.shape[0] for x in jax.tree.leaves(state) if x.ndim):
+      rows = None
     if loop is None:
-      return _ar_rounds(t.graphdef, t.params, state, seed_key, params, n)
+      return _ar_rounds(t.graphdef, t.params, state, seed_key, params, n, rows=rows)
     d = draft
     b = state.anchor.shape[0]
     cap = jnp.asarray(verify_cap if verify_cap is not None
                       else np.full((b,), loop.num_draft, np.int32))
     return _spec_rounds(t.graphdef, t.params, d.graphdef, d.params, state, seed_key, params,
-                        scheduler, cap, n, loop=loop)
+                        scheduler, cap, n, loop=loop, rows=rows)
 
   @staticmethod
   def insert(state, new, slots):

@@ -313,8 +313,11 @@ class ContinuousBatcher:
     kw = self._loop_kw()
     if self.spec is not None:
       kw["scheduler"] = self.spec.scheduler
+    # Only the slots up to the highest live one (bucketed) run: admissions fill the lowest
+    # free slots, so at low load the live rows sit at the bottom.
+    live = max(i for i, r in enumerate(self._rows) if r is not None)
     self.state = self.engine.rounds(self.state, self.rounds_per_step, self.seed_key, params,
-                                    **kw)
+                                    rows=min(bucket(live + 1, minimum=1), self.slots), **kw)
     self.counters.steps += 1
     return self._harvest()
 

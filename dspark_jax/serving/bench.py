@@ -276,7 +276,13 @@ def main(argv=None) -> dict:
                                 max_prompt_len=256)
     srv = Server(target, batcher, port=0, model_name=args.target, max_waiting=4096).start()
     try:
-      stream_one(srv.port, [{"role": "user", "content": prompts[0]}], args.max_tokens)  # compile
+      # Compile first: the batcher runs one program per live-row bucket (1, 2, 4, ... slots).
+      b = 1
+      while True:
+        run_level(srv.port, prompts, min(b, args.slots), 1, args.max_tokens)
+        if b >= args.slots:
+          break
+        b *= 2
       out = res["decoders"][name] = {"levels": []}
       for c in levels:
         lv = run_level(srv.port, prompts, c, args.requests_per_client, args.max_tokens)
