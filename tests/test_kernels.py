@@ -19,8 +19,6 @@ from dspark_jax.demo import tiny as testing
 from dspark_jax.drafts import api as draft_api
 from dspark_jax.drafts import heads, runtime
 from kernels import attention, dispatch
-from kernels import markov_sampler as ms
-from kernels import prefix_accept as pa
 from kernels.markov_sampler import pallas as ms_pallas
 from kernels.markov_sampler import reference as ms_ref
 from kernels.prefix_accept import pallas as pa_pallas

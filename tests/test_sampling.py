@@ -59,7 +59,7 @@ def test_covered_candidate_rows_equal_full_sort(ties, candidates):
   x = _scaled(_rows(64, ties=ties), params)
   k, top_p = _args(x, params)
   want = sampling._filter(x, -jnp.sort(-x, axis=-1), k, top_p)[0]
-  got, covered = sampling._filter(x, jax.lax.top_k(x, candidates)[0], k, top_p)
+  got, covered, _ = sampling._filter(x, jax.lax.top_k(x, candidates)[0], k, top_p)
   covered = np.asarray(covered[:, 0])
   assert 0 < covered.sum() < len(covered)  # both kinds of rows occur
   _same(np.asarray(got)[covered], np.asarray(want)[covered])
@@ -93,15 +93,15 @@ def test_exact_filter_does_not_depend_on_candidates(ties, candidates):
 def test_candidate_path_is_taken_when_every_row_is_covered():
   x = _rows(16, seed=3)
   params = sampling.SamplingParams.make(1.0, top_k=5, top_p=0.9)
-  got, covered = sampling._filter(x, jax.lax.top_k(x, 8)[0], jnp.full((16, 1), 5),
-                                  jnp.full((16, 1), 0.9))
+  got, covered, _ = sampling._filter(x, jax.lax.top_k(x, 8)[0], jnp.full((16, 1), 5),
+                                     jnp.full((16, 1), 0.9))
   assert bool(jnp.all(covered))  # top-5 always lies inside 8 candidates
   _same(got, sampling.processed_logits(x, params, candidates=V))
   _same(sampling.processed_logits(x, params, candidates=8, exact=False), got)
   # top-p alone over a flat row needs more than 4 candidates: that row is not covered.
   flat = jnp.zeros((1, V))
-  _, covered = sampling._filter(flat, jax.lax.top_k(flat, 4)[0], jnp.full((1, 1), V),
-                                jnp.full((1, 1), 0.9))
+  _, covered, _ = sampling._filter(flat, jax.lax.top_k(flat, 4)[0], jnp.full((1, 1), V),
+                                   jnp.full((1, 1), 0.9))
   assert not bool(covered[0, 0])
 
 
