@@ -24,6 +24,7 @@ def base_config():
   c.draft.markov_head_type = "vanilla"  # vanilla | gated | rnn
   c.draft.confidence_head = True
   c.draft.anchor_first = True  # False = original DFlash layout (anchor + P masks)
+  c.draft.vocab_size = 0  # > 0: propose over the N most frequent reply tokens (0 = full vocab)
   c.draft.init_from = ""  # initialise from an existing draft directory
 
   c.data = ml_collections.ConfigDict()
@@ -32,6 +33,7 @@ def base_config():
   c.data.code_prompts = 0  # extra prompts built from the Python stdlib's sources
   c.data.chat_prompts = 0  # extra chat prompts (some multi-turn) about the stdlib's docs
   c.data.synthetic_prompts = 0  # short built-in prompts (tiny smoke runs)
+  c.data.reference_answers = False  # also train on prompts' shipped answers (GSM8K) not regenerated
   c.data.synthetic_fallback = 0  # short built-in prompts used only if no other source gives any
   c.data.system_prompt = ""  # "" = none
   c.data.assistant_prefix = ""  # text prefixed to every reply and excluded from the loss
@@ -77,6 +79,7 @@ def base_config():
   c.eagle3 = ml_collections.ConfigDict()
   c.eagle3.ttt_length = 7
   c.eagle3.step_loss_decay = 0.8
+  c.eagle3.loss_positions = 0  # > 0: loss at K sampled positions per row (cheaper estimate)
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   return c

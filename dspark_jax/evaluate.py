@@ -3,12 +3,15 @@
   python -m dspark_jax.evaluate --drafts=dspark=DIR,dflash=DIR,eagle3=DIR \
       --eval_dir=../shared/data/eval --num_prompts=8 --out=bench_results/eval.json --overwrite
 
-For every `<domain>.jsonl` in `--eval_dir` it takes the first `--num_prompts` first-turn
-prompts that fit `--max_prompt_tokens`, renders them with the target's chat template, and
-generates with each draft (one batch per domain and draft, greedy unless `--temperature`).
-Reported per (draft, domain): tau (DeepSpec's acceptance length: tokens per round), the
-per-position conditional acceptance and the tokens/s; plus whether greedy speculative output
-equalled plain greedy output. Writes JSON, a markdown table and a plot of per-position
+For every `<domain>.jsonl` in `--eval_dir` it shuffles the rows with `--shuffle_seed` (-1 keeps
+file order), takes the first `--num_prompts` first-turn prompts that fit
+`--max_prompt_tokens`, renders them with the target's chat template, and generates with each
+draft (one batch per domain and draft, greedy unless `--temperature`): DeepSpec's Table 1
+protocol, every round verifying all P drafts. Reported per (draft, domain) and pooled: tau
+(DeepSpec's acceptance length: tokens committed per round, pooled over all rounds; a round
+that ends on an accepted stop token commits no bonus), the per-position conditional
+acceptance, the histogram of committed lengths and the tokens/s; plus whether greedy
+speculative output equalled plain greedy output. Writes JSON, a markdown table and a plot of per-position
 acceptance (`--out`, by default under the untracked `runs/`); an existing file is replaced only
 with `--overwrite`. Relative `--eval_dir` / `--out` paths are taken from the repository root,
 not the current directory. The default `--drafts=dspark=demo` is the committed demo draft of
@@ -36,6 +39,8 @@ flags.DEFINE_string("eval_dir", os.path.join("..", "shared", "data", "eval"),
                     "directory of DeepSpec eval sets (<domain>.jsonl), relative to the "
                     "repository root", flag_values=FLAGS)
 flags.DEFINE_integer("num_prompts", 8, "first-turn prompts per domain", flag_values=FLAGS)
+flags.DEFINE_integer("shuffle_seed", 0, "seed of the per-domain shuffle before the first "
+                     "--num_prompts are taken (-1 = file order)", flag_values=FLAGS)
 flags.DEFINE_integer("max_prompt_tokens", 512, "skip prompts longer than this (chat-formatted)",
                      flag_values=FLAGS)
 flags.DEFINE_integer("max_new_tokens", 96, "tokens generated per prompt", flag_values=FLAGS)
@@ -47,10 +52,14 @@ flags.DEFINE_string("out", os.path.join("runs", "eval", "eval.json"),
 flags.DEFINE_bool("overwrite", False, "replace existing output files", flag_values=FLAGS)
 
 
-def load_domain_prompts(path: str, tokenizer, n: int, max_tokens: int) -> list[list[int]]:
+def load_domain_prompts(path: str, tokenizer, n: int, max_tokens: int,
+                        shuffle_seed: int = -1) -> list[list[int]]:
   from dspark_jax.training import data as data_lib
+  rows = data_lib.read_rows(path)
+  if shuffle_seed >= 0:
+    rows = [rows[i] for i in np.random.default_rng(shuffle_seed).permutation(len(rows))]
   out = []
-  for row in data_lib.read_rows(path):
+  for row in rows:
     ids = tokenizer.apply_chat_template([{"role": "user", "content": row["turns"][0]}])
     if len(ids) <= max_tokens:
       out.append(ids)
@@ -77,8 +86,10 @@ def markdown(results: dict) -> str:
   for d in domains:
     cells = [f"{results['drafts'][n]['per_domain'][d]['tau']:.2f}" for n in names]
     lines.append(f"| {d} | " + " | ".join(cells) + " |")
-  cells = [f"**{results['drafts'][n]['mean_tau']:.2f}**" for n in names]
-  lines.append("| mean | " + " | ".join(cells) + " |")
+  cells = [f"**{results['drafts'][n]['mean_tau_over_sets']:.2f}**" for n in names]
+  lines.append("| mean over sets | " + " | ".join(cells) + " |")
+  cells = [f"{results['drafts'][n]['mean_tau']:.2f}" for n in names]
+  lines.append("| pooled (all rounds) | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -86,11 +97,21 @@ def plot(results: dict, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for name, r in results["drafts"].items():
+  fig, (ax, hx) = plt.subplots(1, 2, figsize=(11, 4))
+  width = 0.8 / max(len(results["drafts"]), 1)
+  for j, (name, r) in enumerate(results["drafts"].items()):
     ks = [k + 1 for k, a in enumerate(r["position_acceptance"]) if a is not None]
     acc = [a for a in r["position_acceptance"] if a is not None]
     ax.plot(ks, acc, marker="o", label=f"{name} (τ={r['mean_tau']:.2f})")
+    hist = np.asarray(r["accept_histogram"], np.float64)
+    share = hist / max(hist.sum(), 1.0)
+    hx.bar(np.arange(1, len(hist) + 1) + (j - (len(results["drafts"]) - 1) / 2) * width, share,
+           width=width, label=name)
+  hx.set_xlabel("tokens committed in a round (accepted drafts + 1)")
+  hx.set_ylabel("share of rounds")
+  hx.set_title("acceptance histogram (pooled)", fontsize=10)
+  hx.grid(alpha=0.3)
+  hx.legend()
   ax.set_xlabel("draft position k")
   ax.set_ylabel("P(accept k | accepted k-1)")
   ax.set_ylim(0, 1)
@@ -119,11 +140,14 @@ def main(argv=None) -> dict:
   target = dj.load_target(args.target)
   drafts = {name: dj.load_draft(path, target) for name, path in parse_drafts(args.drafts).items()}
   prompts = {os.path.basename(f)[:-len(".jsonl")]: load_domain_prompts(
-      f, target.tokenizer, args.num_prompts, args.max_prompt_tokens) for f in files}
+      f, target.tokenizer, args.num_prompts, args.max_prompt_tokens, args.shuffle_seed)
+      for f in files}
   prompts = {d: p for d, p in prompts.items() if p}
   kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
   setting = (f"greedy" if args.temperature == 0 else f"T={args.temperature}") + (
-      f", {args.num_prompts} prompts/domain, {args.max_new_tokens} new tokens")
+      f", {args.num_prompts} prompts/domain"
+      + (f" (shuffle seed {args.shuffle_seed})" if args.shuffle_seed >= 0 else "")
+      + f", {args.max_new_tokens} new tokens")
   results = {"target": args.target, "setting": setting, "domains": list(prompts),
              "args": vars(args), "ar": {}, "drafts": {}}
   # Warm-up: compile every bucket once so tokens/s below excludes compilation.
@@ -142,6 +166,7 @@ def main(argv=None) -> dict:
     per = {}
     hits = np.zeros(draft.config.block_size)
     tries = np.zeros(draft.config.block_size)
+    hist = np.zeros(draft.config.block_size + 1, np.int64)
     all_rounds = []
     for dom, ps in prompts.items():
       # Table 1 protocol: the confidence scheduler is off, every round verifies all P drafts.
@@ -150,7 +175,9 @@ def main(argv=None) -> dict:
       all_rounds += [a for row in st.accept_lengths for a in row]
       hits += st.position_hits
       tries += st.position_tries
+      hist += np.asarray(st.accept_histogram[:len(hist)], np.int64)
       per[dom] = {"tau": st.tau, "position_acceptance": st.position_acceptance,
+                  "accept_histogram": list(st.accept_histogram[:len(hist)]),
                   "tokens_per_s": st.tokens_per_second,
                   "speedup_vs_ar": st.tokens_per_second / results["ar"][dom]["tokens_per_s"],
                   "greedy_equal": (res.tokens == ar_tokens[dom]) if args.temperature == 0
@@ -159,6 +186,8 @@ def main(argv=None) -> dict:
     results["drafts"][name] = {
         "path": draft.path, "config": repr(draft), "per_domain": per,
         "mean_tau": float(np.mean(all_rounds)),
+        "mean_tau_over_sets": float(np.mean([p["tau"] for p in per.values()])),
+        "accept_histogram": [int(x) for x in hist],
         # None where no round ever reached position k (not a measured 0).
         "position_acceptance": [float(h / t) if t else None for h, t in zip(hits, tries)],
         "position_tries": [int(t) for t in tries],

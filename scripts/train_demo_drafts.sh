@@ -1,26 +1,39 @@
 #!/usr/bin/env bash
-# Trains the three demo drafts for SmolLM2-135M-Instruct (see configs/smollm2_demo.py) and
-# copies the DSpark draft into the package (dspark_jax/assets/drafts/), where `serve.py`
-# finds it. Data and offline features are produced once in $ROOT/data and shared.
+# Trains the demo drafts for SmolLM2-135M-Instruct (recipe: configs/smollm2_demo.py) and copies
+# the DSpark draft into the package (dspark_jax/assets/drafts/), where `serve.py` finds it.
+#
+#   bash scripts/train_demo_drafts.sh [ROOT] [ALGORITHMS]     (defaults: runs/smollm2_demo, dspark)
+#
+# Data and offline features are produced once in ROOT/dspark and shared by every algorithm
+# (ALGORITHMS="dspark dflash eagle3" trains all three on the same budget). Every stage
+# resumes where a killed run stopped. REGENERATE=1 first regenerates the answers of the GSM8K
+# questions not yet in data/demo_v2/ (hours on a CPU; resumable) instead of using their
+# reference answers.
 set -euo pipefail
 ROOT=${1:-runs/smollm2_demo}
+ALGORITHMS=${2:-dspark}
 CFG=configs/smollm2_demo.py
-mkdir -p "$ROOT"
-python train.py --config=$CFG --workdir="$ROOT/dspark" --mode=generate_data
-python train.py --config=$CFG --workdir="$ROOT/dspark" --mode=tokenize
-python train.py --config=$CFG --workdir="$ROOT/dspark" --mode=cache_features
-for alg in dflash eagle3; do
+mkdir -p "$ROOT/dspark/data"
+[ -e "$ROOT/dspark/data/regenerated.jsonl" ] ||
+  cp data/demo_v2/regenerated.jsonl "$ROOT/dspark/data/regenerated.jsonl"
+if [ "${REGENERATE:-0}" = 1 ]; then
+  python train.py --config=$CFG --workdir="$ROOT/dspark" --mode=generate_data
+fi
+[ -e "$ROOT/dspark/data/tokens.npz" ] ||
+  python train.py --config=$CFG --workdir="$ROOT/dspark" --mode=tokenize
+[ -e "$ROOT/dspark/features/manifest.json" ] ||
+  python train.py --config=$CFG --workdir="$ROOT/dspark" --mode=cache_features
+for alg in $ALGORITHMS; do
   mkdir -p "$ROOT/$alg"
-  [ -e "$ROOT/$alg/data" ] || ln -s "../dspark/data" "$ROOT/$alg/data"
-done
-# Eagle3's TTT objective takes full-vocabulary logits at every position for each of its 5
-# steps (~20x the DSpark step on CPU, ~50 s/step on 2 cores), so on a CPU it gets 2 of the 8
-# epochs; on a GPU drop the override.
-declare -A EXTRA=([dspark]="" [dflash]="" [eagle3]="--config.train.epochs=2")
-for alg in dspark dflash eagle3; do
+  [ "$alg" = dspark ] || [ -e "$ROOT/$alg/data" ] || ln -s "../dspark/data" "$ROOT/$alg/data"
+  extra=""
+  [ "$alg" = eagle3 ] && extra="--config.draft.vocab_size=0"  # Eagle3: full vocabulary
   python train.py --config=$CFG --workdir="$ROOT/$alg" --config.algorithm=$alg \
-      --config.features.cache_dir="$ROOT/dspark/features" ${EXTRA[$alg]}
+      --config.features.cache_dir="$ROOT/dspark/features" $extra
 done
+rm -rf dspark_jax/assets/drafts/smollm2-135m-instruct-dspark.new
+cp -r "$ROOT/dspark/draft" dspark_jax/assets/drafts/smollm2-135m-instruct-dspark.new
 rm -rf dspark_jax/assets/drafts/smollm2-135m-instruct-dspark
-mkdir -p dspark_jax/assets/drafts
-cp -r "$ROOT/dspark/draft" dspark_jax/assets/drafts/smollm2-135m-instruct-dspark
+mv dspark_jax/assets/drafts/smollm2-135m-instruct-dspark.new \
+   dspark_jax/assets/drafts/smollm2-135m-instruct-dspark
+echo "next: python -m dspark_jax.calibrate --draft=demo --write_into_package --overwrite"

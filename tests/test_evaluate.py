@@ -37,7 +37,28 @@ def test_evaluate_tiny_end_to_end(tmp_path):
     assert a is None or 0.0 <= a <= 1.0
   assert d["position_tries"][0] > 0
   assert (tmp_path / "eval_acceptance.png").stat().st_size > 0
-  assert "| mean |" in res["table"]
+  assert "| mean over sets |" in res["table"] and "| pooled (all rounds) |" in res["table"]
+  # The histogram of committed lengths accounts for every round, per domain and pooled.
+  assert len(d["accept_histogram"]) == 4
+  assert sum(d["accept_histogram"]) == sum(sum(p["accept_histogram"])
+                                           for p in d["per_domain"].values())
+  assert d["mean_tau_over_sets"] == pytest.approx(
+      np.mean([p["tau"] for p in d["per_domain"].values()]))
+  pooled = np.average(np.arange(1, 5), weights=d["accept_histogram"])
+  assert d["mean_tau"] == pytest.approx(pooled)
+
+
+def test_evaluate_prompts_are_a_seeded_shuffle(tmp_path):
+  tok = dj.load_target("tiny").tokenizer
+  path = tmp_path / "d.jsonl"
+  path.write_text("".join(json.dumps({"turns": [f"q{i}"]}) + "\n" for i in range(20)))
+  ordered = evaluate.load_domain_prompts(str(path), tok, 5, 512)
+  a = evaluate.load_domain_prompts(str(path), tok, 5, 512, shuffle_seed=0)
+  assert a == evaluate.load_domain_prompts(str(path), tok, 5, 512, shuffle_seed=0)
+  assert a != ordered and a != evaluate.load_domain_prompts(str(path), tok, 5, 512,
+                                                            shuffle_seed=1)
+  assert ordered == [tok.apply_chat_template([{"role": "user", "content": f"q{i}"}])
+                     for i in range(5)]
 
 
 def test_evaluate_without_eval_sets_is_a_clear_error(tmp_path):

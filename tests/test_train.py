@@ -16,6 +16,7 @@ import textwrap
 import time
 
 import jax
+import ml_dtypes
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from dspark_jax import demo
 from dspark_jax import run_config
 from dspark_jax.drafts import api
 from dspark_jax.drafts.config import DraftConfigError
+from dspark_jax.training import data as data_lib
 from dspark_jax.training import driver
 from dspark_jax.training import parallel_objective as po
 from dspark_jax.training import train_lib
@@ -434,3 +436,177 @@ def test_configs_have_deepspec_defaults(name):
     assert cfg.train.max_grad_norm == 1.0 and cfg.train.global_batch_size == 512
     assert cfg.train.epochs == 10 and cfg.train.compute_dtype == "bfloat16"
     assert len(cfg.draft.target_layer_ids) == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Reduced draft vocabulary: the loss over N columns, and a trained restricted draft.
+# ---------------------------------------------------------------------------------------------
+def _random_loss_inputs(seed, v=11, p=3):
+  rng = np.random.default_rng(seed)
+  z = jnp.asarray(rng.normal(size=(2, 4, p, v)) * 2, jnp.float32)
+  t = jnp.asarray(rng.normal(size=(2, 4, p, v)) * 2, jnp.float32)
+  labels = jnp.asarray(rng.integers(0, v, size=(2, 4, p)), jnp.int32)
+  mask = jnp.asarray(np.cumprod(rng.random((2, 4, p)) < 0.8, axis=-1), jnp.float32)
+  conf = jnp.asarray(rng.normal(size=(2, 4, p)), jnp.float32)
+  return z, conf, t, labels, mask
+
+
+def test_reduced_vocab_loss_with_every_id_equals_full_loss():
+  z, conf, t, labels, mask = _random_loss_inputs(0)
+  w = po.LossWeights()
+  full, s_full = po.losses(z, conf, t, labels, mask, w)
+  ids = jnp.arange(z.shape[-1], dtype=jnp.int32)
+  red, s_red = po.losses(z, conf, t, labels, mask, w, ids)
+  np.testing.assert_allclose(red, full, rtol=1e-6)
+  for k in ("ce", "l1", "bce", "pos_agree", "tau_sum"):
+    np.testing.assert_allclose(s_red[k], s_full[k], rtol=1e-6, atol=1e-7)
+
+
+def test_reduced_vocab_l1_counts_target_mass_outside_and_ce_skips_it():
+  z_full, conf, t, labels, mask = _random_loss_inputs(1)
+  ids = jnp.asarray([0, 3, 4, 8], jnp.int32)
+  z = z_full[..., ids]
+  w = po.LossWeights(ce=1.0, l1=1.0, conf=1.0)
+  _, stats = po.losses(z, conf, t, labels, mask, w, ids)
+  # The oracle: q over all V columns with zeros outside the vocabulary.
+  q = np.zeros(t.shape, np.float64)
+  q[..., np.asarray(ids)] = np.asarray(jax.nn.softmax(z, axis=-1))
+  pt = np.asarray(jax.nn.softmax(t, axis=-1), np.float64)
+  l1 = np.abs(q - pt).sum(-1)
+  pw = np.asarray(mask) * np.exp(-np.arange(z.shape[-2]) / w.decay_gamma)
+  np.testing.assert_allclose(stats["l1"], (pw * l1).sum() / (pw.sum() + 1e-6), rtol=1e-5)
+  inside = np.isin(np.asarray(labels), np.asarray(ids))
+  assert inside.any() and (~inside).any()
+  with np.errstate(divide="ignore"):
+    logq = np.log(np.take_along_axis(q, np.asarray(labels)[..., None], -1)[..., 0])
+  ce = np.where(inside, -logq, 0.0)
+  np.testing.assert_allclose(stats["ce"], (pw * ce).sum() / (pw.sum() + 1e-6), rtol=1e-5)
+  assert np.isfinite(float(stats["ce"]))
+  # Acceptance 1 - L1/2 is the exact acceptance of the restricted q: tau_sum uses it.
+  alpha = np.clip(1 - l1 / 2, 0, 1)
+  surv = np.cumprod(np.where(np.asarray(mask) > 0, alpha, 0.0), -1)
+  tau_sum = ((1 + surv.sum(-1)) * np.asarray(mask)[..., 0]).sum()
+  np.testing.assert_allclose(stats["tau_sum"], tau_sum, rtol=1e-5)
+
+
+def test_training_a_reduced_vocab_draft(prepared, target, tmp_path):
+  wd = workdir_with_data(prepared, tmp_path / "vocab")
+  n = 12
+  cfg = tiny_config(**{"draft.vocab_size": n})
+  driver.run(cfg, wd, progress=False)
+  trainer = driver.Trainer.create(cfg, wd, target=target)
+  ids = trainer.draft_vocab_ids()
+  assert len(ids) == n and set(target.stop_token_ids) <= set(ids.tolist())
+  trained = dj.load_draft(os.path.join(wd, "draft"), target)
+  assert trained.config.draft_vocab_size == n
+  assert np.asarray(trained.module.draft_vocab[...]).tolist() == ids.tolist()
+  metrics = read_metrics(wd)
+  assert metrics[-1]["loss"] < 0.8 * metrics[0]["loss"]
+  prompts = eval_prompts(target)
+  res = dj.generate(target, prompts, draft=trained, max_new_tokens=48, seed=7)
+  ref = dj.generate(target, prompts, max_new_tokens=48)
+  assert res.tokens == ref.tokens  # greedy stays exact
+  assert res.stats.tau > 1.5, res.stats.tau
+  with pytest.raises(DraftConfigError, match="vocab_size"):
+    driver.validate_config(tiny_config(**{"draft.vocab_size": n, "algorithm": "eagle3"}))
+
+
+def test_eagle3_sampled_positions_loss_is_the_full_loss_estimate(target):
+  """K >= every row's candidates: the sampled loss is the full loss; K small: unbiased."""
+  from flax import nnx
+  from dspark_jax.training import eagle3_objective as e3
+  cfg = tiny_config(algorithm="eagle3")
+  trainer = driver.Trainer.create(cfg, "/nonexistent-unused", target=target)
+  module = trainer.init_module()
+  s = 24
+  rng = np.random.default_rng(3)
+  toks = jnp.asarray(rng.integers(4, 40, (3, s)), jnp.int32)
+  mask = np.zeros((3, s), np.int32)
+  mask[0, 8:20] = 1
+  mask[1, 3:] = 1
+  mask[2, 15:] = 1
+  lengths = jnp.asarray([20, 24, 22], jnp.int32)
+  mb = dict(tokens=toks, loss_mask=jnp.asarray(mask), lengths=lengths)
+  out = target.model(toks, taps=trainer.dcfg.target_layer_ids, compute_logits=False)
+  kw = dict(ttt_length=cfg.eagle3.ttt_length, step_decay=cfg.eagle3.step_loss_decay)
+  full, _ = e3.objective(module, target.model, mb, out.taps, out.hidden, jax.random.key(0), **kw)
+  exact, _ = e3.objective(module, target.model, mb, out.taps, out.hidden, jax.random.key(0),
+                          loss_positions=s - 1, **kw)
+  np.testing.assert_allclose(float(exact), float(full), rtol=1e-5)
+
+  graph, state = nnx.split(module)
+
+  @jax.jit
+  def sampled(key):
+    loss, _ = e3.objective(nnx.merge(graph, state), target.model, mb, out.taps, out.hidden, key,
+                           loss_positions=4, **kw)
+    return loss
+
+  draws = np.asarray([float(sampled(jax.random.key(i))) for i in range(300)])
+  err = draws.std() / np.sqrt(len(draws))
+  assert draws.std() > 0
+  assert abs(draws.mean() - float(full)) < 4 * err, (draws.mean(), float(full), err)
+
+
+def test_feature_cache_resumes_after_a_kill(prepared, target, tmp_path):
+  """A cache whose run stopped after one batch resumes there and ends equal to a full run."""
+  from dspark_jax.training import feature_cache
+  wd = workdir_with_data(prepared, tmp_path / "resume")
+  cfg = tiny_config()
+  dcfg = driver.Trainer.create(cfg, wd, target=target).dcfg
+  tokens = driver.data_paths(wd)["tokens"]
+  full_dir, part_dir = str(tmp_path / "full"), str(tmp_path / "part")
+  feature_cache.write_cache(target, dcfg, tokens, full_dir, seq_len=cfg.data.seq_len,
+                            batch_size=32, progress=False)
+  full = feature_cache.open_cache(full_dir)
+  n = full.manifest["num_samples"]
+  # The killed run: batch 0 on disk, progress says 1, no manifest yet.
+  feature_cache.write_cache(target, dcfg, tokens, part_dir, seq_len=cfg.data.seq_len,
+                            batch_size=32, progress=False)
+  with open(os.path.join(part_dir, "progress.json")) as f:
+    prog = json.load(f)
+  assert prog["batches_done"] == prog["batches"] > 1
+  lengths = np.asarray(data_lib.load_tokenized(tokens).lengths)
+  schedule = feature_cache._schedule(lengths, 32, cfg.data.seq_len, 32)
+  later = np.concatenate([idx for idx, _ in schedule[1:]])
+  store = feature_cache.FeatureCache(part_dir).store
+  for i in later:
+    store[int(i)].write(np.full(store.shape[1:], 7.0, ml_dtypes.bfloat16)).result()  # unwritten
+  os.remove(os.path.join(part_dir, "manifest.json"))
+  prog["batches_done"] = 1
+  with open(os.path.join(part_dir, "progress.json"), "w") as f:
+    json.dump(prog, f)
+  with pytest.raises(FileNotFoundError):
+    feature_cache.open_cache(part_dir)
+  feature_cache.write_cache(target, dcfg, tokens, part_dir, seq_len=cfg.data.seq_len,
+                            batch_size=32, progress=False)
+  part = feature_cache.open_cache(part_dir)
+  idx = np.arange(n)
+  a_taps, a_hid = full.read(idx, cfg.data.seq_len)
+  b_taps, b_hid = part.read(idx, cfg.data.seq_len)
+  np.testing.assert_array_equal(a_taps, b_taps)
+  np.testing.assert_array_equal(a_hid, b_hid)
+  # Short samples ran at their batch's padded length, not seq_len: the tail stays zero.
+  idx0, length0 = schedule[0]
+  assert length0 < cfg.data.seq_len and length0 % 32 == 0
+  assert not a_hid[idx0, length0:].any() and a_hid[idx0[0], :lengths[idx0[0]]].any()
+
+
+def test_reference_answers_fill_in_prompts_not_regenerated(tmp_path, target):
+  prompts = tmp_path / "gsm.jsonl"
+  rows = [{"question": f"Q{i}?", "answer": f"It is {i}*2 = <<{i}*2={2 * i}>>{2 * i}.\n#### {2 * i}"}
+          for i in range(3)]
+  prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  wd = tmp_path / "wd"
+  (wd / "data").mkdir(parents=True)
+  regen = {"id": 1, "conversations": [{"role": "user", "content": "Q1?"},
+                                      {"role": "assistant", "content": "Two."}]}
+  (wd / "data" / "regenerated.jsonl").write_text(json.dumps(regen) + "\n")
+  cfg = tiny_config(**{"data.prompts": str(prompts), "data.reference_answers": True,
+                       "data.min_loss_tokens": 1})
+  driver.stage_tokenize(cfg, str(wd), target)
+  mixed = [json.loads(line) for line in (wd / "data" / "train.jsonl").read_text().splitlines()]
+  assert [r["id"] for r in mixed] == [1, 0, 2]
+  assert mixed[0]["conversations"][1]["content"] == "Two."
+  assert mixed[2]["conversations"][1]["content"] == "It is 2*2 = 4.\n#### 4"
+  assert len(data_lib.load_tokenized(wd / "data" / "tokens.npz")) == 3

@@ -81,7 +81,8 @@ def build_module(dcfg: DraftConfig, dtype=jnp.float32, seed: int = 0):
 def make_config(target_cfg, algorithm: str = "dspark", *, num_layers: int | None = None,
                 block_size: int = 7, target_layer_ids=None, markov_rank: int | None = None,
                 markov_head_type: str = "vanilla", confidence_head: bool | None = None,
-                mask_token_id: int | None = None, anchor_first: bool = True) -> DraftConfig:
+                mask_token_id: int | None = None, anchor_first: bool = True,
+                draft_vocab_size: int = 0) -> DraftConfig:
   """A DraftConfig with DeepSpec's defaults for `algorithm` on `target_cfg`."""
   if algorithm not in ("dspark", "dflash", "eagle3"):
     raise DraftConfigError(f"unknown draft algorithm {algorithm!r}; expected dspark, dflash or "
@@ -97,7 +98,8 @@ def make_config(target_cfg, algorithm: str = "dspark", *, num_layers: int | None
   dcfg = DraftConfig(algorithm=algorithm, block_size=block_size, target_layer_ids=ids,
                      layer=draft_layer_config(target_cfg, num_layers), mask_token_id=int(mask),
                      markov_rank=rank, markov_head_type=markov_head_type, confidence_head=conf,
-                     anchor_first=anchor_first if algorithm != "eagle3" else True)
+                     anchor_first=anchor_first if algorithm != "eagle3" else True,
+                     draft_vocab_size=int(draft_vocab_size))
   dcfg.check_target(target_cfg)
   return dcfg
 

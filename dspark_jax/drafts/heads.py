@@ -8,7 +8,9 @@ which one is in use:
 
 `bias` `[B, V]` is added to the backbone's base logits U_k; `w1_prev` `[B, R]`
 (the Markov embedding of the previous token) also feeds the confidence head.
-Training runs `head.teacher_forced(h, prev)` over all P positions at once.
+Training runs `head.teacher_forced(h, prev)` over all P positions at once. With a reduced
+draft vocabulary both take `vocab_ids` `[N]` and return only those columns `[B, N]` (the
+previous token stays a target id: W1 keeps all V rows).
 """
 
 from __future__ import annotations
@@ -38,18 +40,26 @@ class MarkovHead(nnx.Module):
   def embed_prev(self, prev: Array, dtype) -> Array:
     return self.markov_w1(prev).astype(dtype)
 
-  def _bias(self, h: Array, e: Array, state: Array):
-    return self.markov_w2(e).astype(jnp.float32), state
+  def _w2(self, x: Array, vocab_ids: Array | None) -> Array:
+    """`x` `[..., R]` -> float32 `[..., V]` (or `[..., N]`: only the `vocab_ids` columns)."""
+    if vocab_ids is None:
+      return self.markov_w2(x).astype(jnp.float32)
+    w = jnp.take(self.markov_w2.kernel[...], vocab_ids, axis=1)
+    return jnp.einsum("...R,RN->...N", x, w.astype(x.dtype),
+                      preferred_element_type=jnp.float32)
 
-  def step(self, h: Array, prev: Array, state: Array):
+  def _bias(self, h: Array, e: Array, state: Array, vocab_ids: Array | None = None):
+    return self._w2(e, vocab_ids), state
+
+  def step(self, h: Array, prev: Array, state: Array, vocab_ids: Array | None = None):
     e = self.embed_prev(prev, h.dtype)
-    bias, state = self._bias(h, e, state)
+    bias, state = self._bias(h, e, state, vocab_ids)
     return bias, e, state
 
-  def teacher_forced(self, h: Array, prev: Array):
+  def teacher_forced(self, h: Array, prev: Array, vocab_ids: Array | None = None):
     """`h` `[..., P, D]`, `prev` `[..., P]` -> (bias `[..., P, V]`, w1_prev `[..., P, R]`)."""
     e = self.embed_prev(prev, h.dtype)
-    return self.markov_w2(e).astype(jnp.float32), e
+    return self._w2(e, vocab_ids), e
 
 
 class GatedMarkovHead(MarkovHead):
@@ -62,13 +72,13 @@ class GatedMarkovHead(MarkovHead):
     self.gate_proj = layers.Linear("...I,IR->...R", (hidden + rank, rank), ("embed", None),
                                    bias_shape=(rank,), bias_axes=(None,), dtype=dtype, rngs=rngs)
 
-  def _bias(self, h: Array, e: Array, state: Array):
+  def _bias(self, h: Array, e: Array, state: Array, vocab_ids: Array | None = None):
     g = jax.nn.sigmoid(self.gate_proj(jnp.concatenate([h, e], axis=-1)))
-    return self.markov_w2(g * e).astype(jnp.float32), state
+    return self._w2(g * e, vocab_ids), state
 
-  def teacher_forced(self, h: Array, prev: Array):
+  def teacher_forced(self, h: Array, prev: Array, vocab_ids: Array | None = None):
     e = self.embed_prev(prev, h.dtype)
-    bias, _ = self._bias(h, e, None)
+    bias, _ = self._bias(h, e, None, vocab_ids)
     return bias, e
 
 
@@ -90,21 +100,21 @@ class RNNHead(MarkovHead):
   def init_state(self, batch: int, dtype=jnp.float32) -> Array:
     return jnp.zeros((batch, self.rank), dtype)
 
-  def _bias(self, h: Array, e: Array, state: Array):
+  def _bias(self, h: Array, e: Array, state: Array, vocab_ids: Array | None = None):
     z = self.joint_proj(jnp.concatenate([state.astype(h.dtype), e, h], axis=-1))
     g, c, o = jnp.split(z, 3, axis=-1)
     g = jax.nn.sigmoid(g)
     new_state = g * state.astype(h.dtype) + (1 - g) * jnp.tanh(c)
-    return self.markov_w2(jnp.tanh(o)).astype(jnp.float32), new_state
+    return self._w2(jnp.tanh(o), vocab_ids), new_state
 
-  def teacher_forced(self, h: Array, prev: Array):
+  def teacher_forced(self, h: Array, prev: Array, vocab_ids: Array | None = None):
     """Unrolls the recurrence over the block axis (-2) with teacher-forced `prev`."""
     e = self.embed_prev(prev, h.dtype)
     lead = h.shape[:-2]
     state = jnp.zeros(lead + (self.rank,), h.dtype)
     biases = []
     for k in range(h.shape[-2]):  # P is small (<= 16): unrolled
-      b, state = self._bias(h[..., k, :], e[..., k, :], state)
+      b, state = self._bias(h[..., k, :], e[..., k, :], state, vocab_ids)
       biases.append(b)
     return jnp.stack(biases, axis=-2), e
 

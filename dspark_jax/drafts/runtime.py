@@ -59,8 +59,8 @@ def sequential_sample(markov_head, confidence_head, with_markov: bool, base: Arr
   def step(carry, xs):
     prev, st = carry
     u_k, h_k, k = xs
-    bias, e, st = markov_head.step(h_k, prev, st)
-    z = u_k + (bias if vocab_ids is None else jnp.take(bias, vocab_ids, axis=-1))
+    bias, e, st = markov_head.step(h_k, prev, st, vocab_ids)
+    z = u_k + bias
     tok = sampling.sample(position_keys(keys, k), z, params, exact=False)
     if vocab_ids is not None:
       tok = vocab_ids[tok]

@@ -50,6 +50,9 @@ def validate_config(config) -> None:
   if config.algorithm not in ("dspark", "dflash", "eagle3"):
     raise DraftConfigError(f"config.algorithm must be dspark, dflash or eagle3; got "
                            f"{config.algorithm!r}")
+  if config.algorithm == "eagle3" and config.draft.get("vocab_size", 0):
+    raise DraftConfigError("config.draft.vocab_size (a reduced draft vocabulary) is implemented "
+                           "for dspark and dflash drafts only")
   if config.algorithm != "eagle3" and config.draft.block_size < 2:
     raise DraftConfigError(f"config.draft.block_size must be >= 2, got {config.draft.block_size}")
   t = config.train
@@ -70,7 +73,7 @@ def build_draft_config(config, target_cfg):
       block_size=config.eagle3.ttt_length if config.algorithm == "eagle3" else d.block_size,
       target_layer_ids=ids, markov_rank=d.markov_rank, markov_head_type=d.markov_head_type,
       confidence_head=d.confidence_head, mask_token_id=d.mask_token_id if d.mask_token_id >= 0
-      else None, anchor_first=d.anchor_first)
+      else None, anchor_first=d.anchor_first, draft_vocab_size=d.get("vocab_size", 0))
 
 
 def objective_for(config, dcfg):
@@ -79,7 +82,8 @@ def objective_for(config, dcfg):
   if config.algorithm == "eagle3":
     from dspark_jax.training import eagle3_objective
     return functools.partial(eagle3_objective.objective, ttt_length=config.eagle3.ttt_length,
-                             step_decay=config.eagle3.step_loss_decay)
+                             step_decay=config.eagle3.step_loss_decay,
+                             loss_positions=config.eagle3.get("loss_positions", 0))
   from dspark_jax.training import parallel_objective as po
   dflash = config.algorithm == "dflash"
   weights = po.LossWeights(ce=1.0 if dflash else t.loss_ce, l1=0.0 if dflash else t.loss_l1,
@@ -95,7 +99,8 @@ def _parallel_objective(draft, tmodel, mb, taps, hidden, key, *, num_anchors, we
                                             anchors, keep, p)
   z, conf = po.draft_forward(draft, tmodel, mb["tokens"], taps, anchors, keep, prev)
   t_logits = po.target_block_logits(tmodel, hidden, anchors, p)
-  return po.losses(z, conf, t_logits, labels, eval_mask, weights)
+  ids = None if draft.draft_vocab is None else draft.draft_vocab[...]
+  return po.losses(z, conf, t_logits, labels, eval_mask, weights, ids)
 
 
 @dataclasses.dataclass
@@ -120,11 +125,30 @@ class Trainer:
   # ---- state ---------------------------------------------------------------------------------
   def init_module(self):
     module = draft_api.build_module(self.dcfg, jnp.float32, self.config.seed)
+    if self.dcfg.draft_vocab_size:
+      module.draft_vocab.value = jnp.asarray(self.draft_vocab_ids(), jnp.int32)
     if self.config.draft.init_from:
       from dspark_jax.drafts.checkpoint import load_draft
       src = load_draft(self.config.draft.init_from, self.target)
       nnx.update(module, nnx.state(src.module))
     return module
+
+  def draft_vocab_ids(self) -> np.ndarray:
+    """The `draft.vocab_size` most frequent reply tokens of the tokenised data (+ stop ids).
+
+    Deterministic in the data, so a resumed or exporting process rebuilds the same ids.
+    """
+    from dspark_jax.drafts import vocab
+    from dspark_jax.training import data as data_lib
+    path = data_paths(self.workdir)["tokens"]
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"draft.vocab_size needs the tokenised data ({path}): run "
+                              "--mode=tokenize first")
+    data = data_lib.load_tokenized(path)
+    replies = data.tokens[np.asarray(data.loss_mask, bool)]
+    return vocab.frequent_tokens([replies], self.dcfg.draft_vocab_size,
+                                 self.target.config.vocab_size,
+                                 always=self.target.stop_token_ids)
 
   def build(self, total_steps: int):
     module = self.init_module()
@@ -300,14 +324,41 @@ def stage_tokenize(config, workdir, target):
   paths = data_paths(workdir)
   if not os.path.exists(paths["regenerated"]):
     raise FileNotFoundError(f"{paths['regenerated']} does not exist: run --mode=generate_data")
+  source = paths["regenerated"]
+  if config.data.get("reference_answers", False):
+    source = write_reference_mix(config, paths)
   counts = data_lib.tokenize_file(
-      target.tokenizer, paths["regenerated"], paths["tokens"], max_length=config.data.max_length,
+      target.tokenizer, source, paths["tokens"], max_length=config.data.max_length,
       min_loss_tokens=config.data.min_loss_tokens, system_prompt=config.data.system_prompt or None,
       assistant_prefix=config.data.get("assistant_prefix", ""))
   log(f"tokenized: {json.dumps(counts)}")
   if counts["samples"] == 0:
     raise ValueError("tokenisation kept no samples (all shorter than data.min_loss_tokens?)")
   return paths["tokens"]
+
+
+def write_reference_mix(config, paths) -> str:
+  """`data/train.jsonl`: the regenerated rows, then the prompts file's reference answers.
+
+  Only prompts that were not regenerated get their shipped answer (`data.reference_answers`),
+  so no question appears twice.
+  """
+  from dspark_jax.training import data as data_lib
+  if not config.data.prompts:
+    raise ValueError("data.reference_answers needs data.prompts (a file whose rows ship answers)")
+  done = [row["id"] for _, _, row in data_lib.rows.jsonl_objects(paths["regenerated"])]
+  refs = data_lib.reference_conversations(config.data.prompts, exclude_ids=done)
+  out = os.path.join(os.path.dirname(paths["regenerated"]), "train.jsonl")
+  with open(paths["regenerated"], encoding="utf-8") as src, open(out + ".tmp", "w",
+                                                                    encoding="utf-8") as f:
+    for line in src:
+      if line.strip():
+        f.write(line if line.endswith("\n") else line + "\n")
+    for row in refs:
+      f.write(json.dumps(row) + "\n")
+  os.replace(out + ".tmp", out)
+  log(f"training rows: {len(done)} regenerated + {len(refs)} reference answers -> {out}")
+  return out
 
 
 def total_steps_for(config, batches) -> int:

@@ -6,9 +6,20 @@ at (s, t): step-0 keys at positions <= t (causal) plus, for steps 1..s, the key 
 same index t. The prediction is x_{t+s+2}, trained by soft cross-entropy against the
 target distribution softmax(target_logits[t+s+1]) (uniform past the end), masked by the
 loss mask at t+s (last valid token excluded), normalised by B*S, weighted 0.8^s.
+
+`loss_positions = K > 0` is this project's cheaper estimate of the same loss: the TTT
+forward still runs over every position (the draft is one layer), but the LM heads, the
+softmax and the loss are evaluated only at K indices t per row, drawn uniformly without
+replacement among the indices with a loss at some step and weighted n_b / min(K, n_b)
+(n_b = that row's candidates), so the sum is an unbiased estimate of the full
+B*S-normalised sum, and equals it when K >= n_b. On a CPU the full-vocabulary logits at
+every position and step are most of the step; K = the DSpark anchor count gives both the
+same number of supervised predictions per sequence.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -35,19 +46,44 @@ def ttt_attention(att, q: Array, k0: Array, v0: Array, diag: list[tuple[Array, A
   return att.attend(q, base, *steps, q_positions=pos)
 
 
+def sample_positions(key, candidates: Array, k: int):
+  """K indices per row drawn uniformly without replacement among `candidates` `[B, S]`.
+
+  Returns:
+    (indices int32 `[B, K]`, keep bool `[B, K]` (False for rows with fewer candidates),
+     row weights float32 `[B]` = n_b / min(K, n_b): each candidate's inverse inclusion
+     probability).
+  """
+  b, s = candidates.shape
+  k = min(k, s)
+  u = jnp.where(candidates, jax.random.uniform(key, (b, s)), 2.0)
+  order = jnp.argsort(u, axis=1)[:, :k].astype(jnp.int32)
+  keep = jnp.take_along_axis(u, order, axis=1) < 2.0
+  n = jnp.sum(candidates, axis=1).astype(jnp.float32)
+  return order, keep, n / jnp.maximum(jnp.minimum(n, k), 1.0)
+
+
 def objective(draft, tmodel, mb: dict, taps: Array, hidden: Array, key, *, ttt_length: int,
-              step_decay: float):
+              step_decay: float, loss_positions: int = 0):
   """Eagle3 TTT loss. Returns (loss, stats) with the same stats keys as the parallel drafts."""
   tokens, loss_mask, lengths = mb["tokens"], mb["loss_mask"], mb["lengths"]
   b, s = tokens.shape
   v = tmodel.cfg.vocab_size
   idx = jnp.arange(s)
-  # Target distribution for the prediction made at position u: p(x_{u+2}) = softmax(T[u+1]).
-  t_probs = jax.nn.softmax(tmodel.logits_from_hidden(hidden).astype(jnp.float32), axis=-1)
-  uniform = jnp.full((b, ttt_length + 1, v), 1.0 / v, jnp.float32)
-  t_probs = jnp.concatenate([t_probs[:, 1:], uniform], axis=1)  # [B, S + TTT, V]
   in_seq = idx[None, :] < lengths[:, None]
   pm0 = loss_mask.astype(bool) & in_seq & (idx[None, :] != (lengths - 1)[:, None])
+  sampled = 0 < loss_positions < s
+  if sampled:
+    # Candidates: indices t with a loss at any step (t + step inside the reply).
+    later = jnp.pad(pm0, ((0, 0), (0, ttt_length)))
+    cand = functools.reduce(jnp.logical_or, [later[:, j:j + s] for j in range(ttt_length)])
+    sel, keep, row_w = sample_positions(key, cand, loss_positions)
+    gather = jax.vmap(lambda x, i: x[i])
+  else:
+    # Target distribution for the prediction made at u: p(x_{u+2}) = softmax(T[u+1]).
+    t_probs = jax.nn.softmax(tmodel.logits_from_hidden(hidden).astype(jnp.float32), axis=-1)
+    uniform = jnp.full((b, ttt_length + 1, v), 1.0 / v, jnp.float32)
+    t_probs = jnp.concatenate([t_probs[:, 1:], uniform], axis=1)  # [B, S + TTT, V]
   pm0 = jnp.concatenate([pm0, jnp.zeros((b, ttt_length), bool)], axis=1)
   padded_tokens = jnp.concatenate([tokens, jnp.zeros((b, ttt_length + 1), tokens.dtype)], axis=1)
 
@@ -75,9 +111,17 @@ def objective(draft, tmodel, mb: dict, taps: Array, hidden: Array, key, *, ttt_l
       return fn
 
     h = draft.forward(h, e, pos, [make_fn(i) for i in range(len(draft.layers))])
-    logits = draft.logits(tmodel, h).astype(jnp.float32)
-    target = jax.lax.dynamic_slice_in_dim(t_probs, step, s, axis=1)
-    mask = jax.lax.dynamic_slice_in_dim(pm0, step, s, axis=1).astype(jnp.float32)
+    if sampled:
+      # Positions u = t + step; the mask is 0 wherever u + 1 falls outside the sequence.
+      u = sel + step
+      logits = draft.logits(tmodel, gather(h, sel)).astype(jnp.float32)  # [B, K, V]
+      t_hidden = gather(hidden, jnp.minimum(u + 1, s - 1))
+      target = jax.nn.softmax(tmodel.logits_from_hidden(t_hidden).astype(jnp.float32), axis=-1)
+      mask = (gather(pm0, u) & keep).astype(jnp.float32) * row_w[:, None]
+    else:
+      logits = draft.logits(tmodel, h).astype(jnp.float32)
+      target = jax.lax.dynamic_slice_in_dim(t_probs, step, s, axis=1)
+      mask = jax.lax.dynamic_slice_in_dim(pm0, step, s, axis=1).astype(jnp.float32)
     logq = jax.nn.log_softmax(logits, axis=-1)
     ce = -jnp.sum(target * logq, axis=-1)
     step_loss = jnp.sum(ce * mask) / (b * s)

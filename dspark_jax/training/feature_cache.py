@@ -36,34 +36,80 @@ def _open(path: str, shape=None, create=False):
   return ts.open(spec).result()
 
 
+def _schedule(lengths: np.ndarray, batch_size: int, seq_len: int, step: int) -> list:
+  """Batches of sample indices sorted by length, each with its padded length (a multiple of
+  `step`, at most `seq_len`): short samples are not run at the full `seq_len`."""
+  order = np.argsort(np.minimum(lengths, seq_len), kind="stable")
+  out = []
+  for start in range(0, len(order), batch_size):
+    idx = order[start:start + batch_size]
+    longest = int(min(lengths[idx].max(), seq_len))
+    out.append((idx, min(seq_len, -(-longest // step) * step)))
+  return out
+
+
 def write_cache(target, dcfg, tokens_path: str, cache_dir: str, *, seq_len: int,
-                batch_size: int = 8, progress: bool = True) -> str:
-  """Runs the target over every tokenised sample and stores its features."""
-  from dspark_jax.generation import bucket  # noqa: F401  (kept for symmetry with serving)
+                batch_size: int = 8, length_step: int = 32, progress: bool = True) -> str:
+  """Runs the target over every tokenised sample and stores its features (resumable).
+
+  Samples run in length-sorted batches padded to a multiple of `length_step` (one compiled
+  program per padded length); positions past a sample's padded length are written as zeros
+  (no loss or attention reads them). After each batch `progress.json` records how many batches of
+  this fixed schedule are on disk, so a killed run resumes where it stopped; the manifest
+  is written last and marks the cache complete.
+  """
   data = data_lib.load_tokenized(tokens_path)
   n = len(data)
   taps = tuple(dcfg.target_layer_ids)
   d = target.config.hidden_size
   width = (len(taps) + 1) * d
   size = estimate_bytes(n, seq_len, len(taps), d)
-  print(f"[features] caching {n} samples x {seq_len} tokens x {len(taps)}+1 layers x {d} "
-        f"(bf16): {size / 2**30:.2f} GiB -> {cache_dir}", file=sys.stderr, flush=True)
   os.makedirs(cache_dir, exist_ok=True)
-  store = _open(os.path.join(cache_dir, "features.zarr"), (n, seq_len, width), create=True)
+  store_path = os.path.join(cache_dir, "features.zarr")
+  progress_path = os.path.join(cache_dir, "progress.json")
+  schedule = _schedule(np.asarray(data.lengths), batch_size, seq_len, length_step)
+  key = {"num_samples": n, "seq_len": seq_len, "target_layer_ids": list(taps),
+         "batch_size": batch_size, "length_step": length_step,
+         "tokens": int(data.offsets[-1])}
+  done = 0
+  if os.path.exists(progress_path) and os.path.exists(store_path):
+    with open(progress_path) as f:
+      prev = json.load(f)
+    if prev.get("key") == key:
+      done = int(prev["batches_done"])
+  if done:
+    store = _open(store_path)
+    print(f"[features] resuming at batch {done}/{len(schedule)} -> {cache_dir}",
+          file=sys.stderr, flush=True)
+  else:
+    if os.path.exists(os.path.join(cache_dir, "manifest.json")):
+      os.remove(os.path.join(cache_dir, "manifest.json"))  # incomplete until rewritten
+    print(f"[features] caching {n} samples x <= {seq_len} tokens x {len(taps)}+1 layers x {d} "
+          f"(bf16): <= {size / 2**30:.2f} GiB -> {cache_dir}", file=sys.stderr, flush=True)
+    store = _open(store_path, (n, seq_len, width), create=True)
   fwd = jax.jit(lambda p, t: _features(target.graphdef, p, t, taps))
   bar = None
   if progress:
     from tqdm.auto import tqdm
-    bar = tqdm(total=n, desc="features", unit="sample")
-  for start in range(0, n, batch_size):
-    idx = np.arange(start, min(start + batch_size, n))
-    toks = np.zeros((batch_size, seq_len), np.int32)
+    bar = tqdm(total=n, initial=sum(len(i) for i, _ in schedule[:done]), desc="features",
+               unit="sample")
+  for b in range(done, len(schedule)):
+    idx, length = schedule[b]
+    toks = np.zeros((batch_size, length), np.int32)
     for j, i in enumerate(idx):
       t, _ = data.sample(int(i))
-      t = t[:seq_len]
+      t = t[:length]
       toks[j, :len(t)] = t
     feats = np.asarray(jax.device_get(fwd(target.params, jnp.asarray(toks))))
-    store[int(idx[0]):int(idx[-1]) + 1].write(feats[:len(idx)]).result()
+    # Whole rows (zero tail): a chunk is one sample, so a partial write would read it back.
+    rows = np.zeros((len(idx), seq_len, width), feats.dtype)
+    rows[:, :length] = feats[:len(idx)]
+    writes = [store[int(i)].write(rows[j]) for j, i in enumerate(idx)]
+    for w in writes:
+      w.result()
+    with open(progress_path + ".tmp", "w") as f:
+      json.dump({"key": key, "batches_done": b + 1, "batches": len(schedule)}, f)
+    os.replace(progress_path + ".tmp", progress_path)
     if bar is not None:
       bar.update(len(idx))
   if bar is not None:

@@ -123,7 +123,8 @@ def draft_forward(draft, target_model, tokens: Array, taps: Array, anchors: Arra
     prev: `[B, N_a, P]` teacher-forced previous tokens for the sequential head.
 
   Returns:
-    (draft logits Z float32 `[B, N_a, P, V]`, confidence logits `[B, N_a, P]` or None)
+    (draft logits Z float32 `[B, N_a, P, V]` (`[..., N]` over a reduced draft vocabulary),
+     confidence logits `[B, N_a, P]` or None)
   """
   dcfg = draft.dcfg
   b, s = tokens.shape
@@ -148,11 +149,12 @@ def draft_forward(draft, target_model, tokens: Array, taps: Array, anchors: Arra
   h = draft.backbone(x, pos, [make_fn(i) for i in range(len(draft.layers))])
   h = h.reshape(b, na, qb, -1)
   h = h[:, :, :p] if dcfg.anchor_first else h[:, :, 1:]
-  z = target_model.logits_from_hidden(h)
+  ids = None if draft.draft_vocab is None else draft.draft_vocab[...]
+  z = target_model.logits_from_hidden(h, ids)
   conf = None
   w1 = None
   if draft.markov_head is not None:
-    bias, w1 = draft.markov_head.teacher_forced(h, prev)
+    bias, w1 = draft.markov_head.teacher_forced(h, prev, ids)
     z = z + bias
   if draft.confidence_head is not None:
     conf = draft.confidence_head(h, w1 if dcfg.confidence_with_markov else None)
@@ -171,8 +173,13 @@ def target_block_logits(target_model, target_hidden: Array, anchors: Array, p: i
 
 
 def losses(z: Array, conf: Array | None, t_logits: Array, labels: Array, eval_mask: Array,
-           weights: LossWeights):
+           weights: LossWeights, vocab_ids: Array | None = None):
   """DeepSpec's DSpark/DFlash loss and diagnostics (all float32).
+
+  With a reduced draft vocabulary (`vocab_ids` `[N]`, z `[..., N]`) the draft's q is zero
+  outside it: the L1 distance adds the target mass there, `1 - sum_N p`, so `1 - L1/2` is
+  still the exact acceptance probability; the CE term skips labels outside the vocabulary
+  (their log q is -inf), while L1 and BCE keep those positions.
 
   Returns:
     (total loss scalar, dict of numerator sums and denominators for logging)
@@ -184,11 +191,23 @@ def losses(z: Array, conf: Array | None, t_logits: Array, labels: Array, eval_ma
   logq = jax.nn.log_softmax(z, axis=-1)
   q = jnp.exp(logq)
   pt = jax.nn.softmax(t_logits.astype(jnp.float32), axis=-1)
+  w_ce = w
+  if vocab_ids is not None:
+    # t2d: the draft column of each target id, or -1 outside the draft vocabulary.
+    t2d = jnp.full((t_logits.shape[-1],), -1, jnp.int32).at[vocab_ids].set(
+        jnp.arange(vocab_ids.shape[0], dtype=jnp.int32))
+    col = t2d[labels]
+    w_ce = w * (col >= 0)
+    labels = jnp.maximum(col, 0)
+    pt_in = jnp.take(pt, vocab_ids, axis=-1)
+    outside = jnp.clip(1.0 - jnp.sum(pt_in, axis=-1), 0.0, 1.0)
+    l1 = jnp.sum(jnp.abs(q - pt_in), axis=-1) + outside
+  else:
+    l1 = jnp.sum(jnp.abs(q - pt), axis=-1)
   ce = -jnp.take_along_axis(logq, labels[..., None], axis=-1)[..., 0]
-  l1 = jnp.sum(jnp.abs(q - pt), axis=-1)
   alpha = jax.lax.stop_gradient(jnp.clip(1.0 - 0.5 * l1, 0.0, 1.0))
   denom = jnp.sum(w) + 1e-6
-  total = weights.ce * jnp.sum(w * ce)
+  total = weights.ce * jnp.sum(w_ce * ce)
   if weights.l1:
     total = total + weights.l1 * jnp.sum(w * l1)
   bce = jnp.zeros_like(ce)
@@ -196,13 +215,14 @@ def losses(z: Array, conf: Array | None, t_logits: Array, labels: Array, eval_ma
     bce = (jnp.maximum(conf, 0) - conf * alpha + jnp.log1p(jnp.exp(-jnp.abs(conf))))
     total = total + weights.conf * jnp.sum(w * bce)
   total = total / denom
-  agree = (jnp.argmax(z, -1) == jnp.argmax(t_logits, -1)).astype(jnp.float32)
+  guess = jnp.argmax(z, -1) if vocab_ids is None else vocab_ids[jnp.argmax(z, -1)]
+  agree = (guess == jnp.argmax(t_logits, -1)).astype(jnp.float32)
   m = eval_mask
   # tau estimate per block: 1 + sum_k prod_{i<=k} alpha_i over the valid prefix.
   surv = jnp.cumprod(jnp.where(m > 0, alpha, 0.0), axis=-1)
   blocks = jnp.sum(m[..., 0])
   stats = dict(
-      ce=jnp.sum(w * ce) / denom, l1=jnp.sum(w * l1) / denom, bce=jnp.sum(w * bce) / denom,
+      ce=jnp.sum(w_ce * ce) / denom, l1=jnp.sum(w * l1) / denom, bce=jnp.sum(w * bce) / denom,
       pos_agree=jnp.sum(agree * m, axis=(0, 1)), pos_alpha=jnp.sum(alpha * m, axis=(0, 1)),
       pos_count=jnp.sum(m, axis=(0, 1)), tau_sum=jnp.sum((1.0 + jnp.sum(surv, -1)) * m[..., 0]),
       blocks=blocks, weight=denom)

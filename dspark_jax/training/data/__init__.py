@@ -20,7 +20,8 @@ Every name used as `data_lib.X` before the split is re-exported here.
 from dspark_jax.demo.prompts import stdlib_code_prompts, synthetic_prompts
 from dspark_jax.training.data.batches import BatchIterator
 from dspark_jax.training.data.regenerate import regenerate
-from dspark_jax.training.data.rows import DataFormatError, normalize_messages, read_rows
+from dspark_jax.training.data.rows import (DataFormatError, normalize_messages, read_rows,
+                                           reference_conversations)
 from dspark_jax.training.data.tokenize import (TemplateMismatchError, TokenizedData,
                                                load_tokenized, render_with_spans,
                                                tokenize_conversation, tokenize_file)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from typing import Any, Iterator
 
@@ -150,3 +151,37 @@ def read_rows(path: str | os.PathLike, limit: int = 0) -> list[dict]:
   if skipped:
     warnings.warn(f"{path}: skipped {skipped} rows without a user turn")
   return rows
+
+
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+def reference_conversations(path: str | os.PathLike, *, exclude_ids=(), limit: int = 0
+                            ) -> list[dict]:
+  """Rows of a prompts file that ship their own answer, as one-turn conversations.
+
+  GSM8K rows (`{"question", "answer"}`) carry a reference solution; its calculator
+  annotations (`<<48/2=24>>`) are removed, since no model writes them. Ids follow
+  `read_rows` (the row's own "id", else its 0-based row number), so they line up with a
+  regenerated file of the same prompts; rows whose id is in `exclude_ids` (already
+  regenerated) and rows without an answer are skipped.
+
+  Returns:
+    `[{"id", "conversations": [user, assistant], "source": "reference"}]`.
+  """
+  skip = {str(i) for i in exclude_ids}
+  out = []
+  for index, (_, where, row) in enumerate(jsonl_objects(os.fspath(path))):
+    if not isinstance(row, dict):
+      raise DataFormatError(f"{where}: expected a JSON object")
+    rid = row.get("id", index)
+    q, a = row.get("question"), row.get("answer")
+    if str(rid) in skip or not isinstance(q, str) or not isinstance(a, str):
+      continue
+    answer = _CALCULATOR.sub("", a).strip()
+    out.append({"id": rid, "conversations": [{"role": "user", "content": q},
+                                             {"role": "assistant", "content": answer}],
+                "source": "reference"})
+    if limit and len(out) >= limit:
+      break
+  return out
