@@ -49,3 +49,15 @@ def test_restricted_draft_greedy_roundtrip_and_distribution(tmp_path):
     counts[index[tuple(t)]] += 1
   assert 1.05 < res.stats.tau
   assert _chi2_pvalue(counts, probs) > 1e-3
+
+
+def test_bfloat16_export_keeps_large_draft_vocab_ids_exact(tmp_path):
+  """Token ids are integers on disk whatever the weight dtype (bf16 would merge ids > 256)."""
+  cfg = testing.tiny_config("qwen3", vocab=1200, layers=2, hidden=32)
+  target = testing.random_target(cfg, seed=2)
+  full = draft_api.init_draft(target, "dspark", num_layers=1, block_size=3,
+                              target_layer_ids=(0,), markov_rank=4, seed=3)
+  ids = [0, 257, 259, 1001, 1003, 1199]
+  dj.save_draft(vocab.restrict_vocab(full, ids), tmp_path / "d", target=target, dtype="bfloat16")
+  loaded = dj.load_draft(tmp_path / "d", target)
+  assert np.asarray(loaded.module.draft_vocab[...]).tolist() == ids

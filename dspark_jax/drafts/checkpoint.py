@@ -166,7 +166,10 @@ def save_draft(draft: Draft, path: str | os.PathLike, *, target=None, dtype: str
     tensors["embed_tokens.weight"] = emb
     tensors["lm_head.weight"] = (emb if tmodel.lm_head is None else
                                  np.asarray(jax.device_get(tmodel.lm_head.kernel[...])).T)
-  tensors = {k: np.asarray(v).astype(np_dtype) for k, v in tensors.items()}
+  # Integer tensors (the draft vocabulary's token ids) keep their dtype: bf16 holds only
+  # 8 significant bits and would merge ids above 256.
+  tensors = {k: np.asarray(v) if np.issubdtype(np.asarray(v).dtype, np.integer)
+             else np.asarray(v).astype(np_dtype) for k, v in tensors.items()}
   cfg = config_to_json(draft, target.hf_config, target.config, dtype)
   path = os.fspath(path)
   tmp = path.rstrip("/") + ".tmp"
