@@ -160,9 +160,10 @@ def _kv_bytes(cache: KVCache, dims: Mapping[str, int], rules) -> int:
   mesh = abstract_mesh(dims)
   total = shard_bytes(cache.lengths.shape, cache.lengths.dtype,
                       sharding_lib.batch_sharding(mesh, cache.lengths.shape, rules).spec, dims)
-  for x in cache.k + cache.v:
-    total += shard_bytes(x.shape, x.dtype, sharding_lib.cache_sharding(mesh, x.shape, rules).spec,
-                         dims)
+  for keys, entries in ((True, cache.k), (False, cache.v)):
+    for x in entries:
+      spec = sharding_lib.cache_sharding(mesh, x.shape, rules, keys=keys).spec
+      total += shard_bytes(x.shape, x.dtype, spec, dims)
   return total
 
 

@@ -35,6 +35,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 # slots): rows over the batch axes, kv heads over tensor like the k/v projections that
 # write them, so a verify step reads and writes its own shard without moving the cache.
 CACHE_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")
+# Keys are stored transposed, `[B, K, H, S]` (see `decoding.cache`).
+KEY_CACHE_AXES = ("batch", "kv_heads", "head_dim", "cache_seq")
 
 
 def mesh_dims(shape: Mapping[str, int] | Sequence[int], num_devices: int) -> list[int]:
@@ -115,9 +117,12 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def cache_sharding(mesh: Mesh, shape: Sequence[int], rules=DEFAULT_RULES) -> NamedSharding:
-  """Layout of one cache entry `[B, K, S, H]` (see CACHE_AXES)."""
-  return NamedSharding(mesh, spec_for(CACHE_AXES, shape, mesh, rules))
+def cache_sharding(mesh: Mesh, shape: Sequence[int], rules=DEFAULT_RULES, *,
+                   keys: bool = False) -> NamedSharding:
+  """Layout of one cache entry: values `[B, K, S, H]` (CACHE_AXES) or, with `keys`, keys
+  `[B, K, H, S]` (KEY_CACHE_AXES)."""
+  return NamedSharding(mesh, spec_for(KEY_CACHE_AXES if keys else CACHE_AXES, shape, mesh,
+                                      rules))
 
 
 def batch_sharding(mesh: Mesh, shape: Sequence[int], rules=DEFAULT_RULES) -> NamedSharding:

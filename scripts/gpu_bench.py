@@ -42,8 +42,8 @@ from dspark_jax.decoding import speculative  # noqa: E402
 from dspark_jax.demo import tiny  # noqa: E402
 from dspark_jax.drafts import api as draft_api  # noqa: E402
 from dspark_jax.engine import profile  # noqa: E402
-from kernels import dispatch  # noqa: E402
-from kernels import markov_sampler, prefix_accept  # noqa: E402
+from dspark_jax.kernels import dispatch  # noqa: E402
+from dspark_jax.kernels import markov_sampler, prefix_accept  # noqa: E402
 
 
 def qwen3_4b_config() -> ModelConfig:

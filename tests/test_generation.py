@@ -129,3 +129,68 @@ def test_prompt_longer_than_cache_is_an_error(target):
 def test_bad_input(target, prompts, kw, match):
   with pytest.raises((ValueError, TypeError), match=match):
     dj.generate(target, prompts, **kw)
+
+
+def test_packed_prefill_equals_dense(target):
+  """Prefill over the prompts' real tokens packed into a flat batch gives the dense
+  prefill's last logits, taps and cache contents (sliding windows included: gemma3)."""
+  import jax.numpy as jnp
+  from dspark_jax.decoding.cache import KVCache
+  from dspark_jax.decoding.state import Batch
+  tp, b = 16, 4
+  prompts = PROMPTS + [[3] * 16]
+  tokens = np.zeros((b, tp), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, :len(p)] = p
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  batch = Batch(tokens=jnp.asarray(tokens), lengths=jnp.asarray(lengths),
+                max_new=jnp.full((b,), 4), stop_tokens=-jnp.ones((b, 1), jnp.int32),
+                request_ids=jnp.arange(b))
+  model = target.model
+  taps = (0, 1)
+  results = {}
+  for budget in (None, 48, 64):  # sum(lengths) = 36: a tight and a padded budget
+    cache = KVCache.init(target.config, b, tp + 8)
+    results[budget] = jax.jit(
+        lambda c, budget=budget: loop_lib.prefill(model, batch, c, taps, budget=budget))(cache)
+  d_cache, d_logits, d_taps = results[None]
+  for budget in (48, 64):
+    cache, logits, tap = results[budget]
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(d_logits), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(cache.lengths), lengths)
+    for r, n in enumerate(lengths):
+      np.testing.assert_allclose(np.asarray(tap[r, :n]), np.asarray(d_taps[r, :n]), atol=1e-5)
+      for kp, kd in zip(cache.k, d_cache.k):
+        np.testing.assert_allclose(np.asarray(kp[r, ..., :n]), np.asarray(kd[r, ..., :n]),
+                                   atol=1e-5)
+      for vp, vd in zip(cache.v, d_cache.v):
+        np.testing.assert_allclose(np.asarray(vp[r, :, :n]), np.asarray(vd[r, :, :n]),
+                                   atol=1e-5)
+
+
+def test_packed_prefill_budget_choice():
+  # Dense when packing cannot halve the work, or below the minimum worth a program.
+  assert loop_lib.packed_prefill_budget([5], 16) is None
+  assert loop_lib.packed_prefill_budget([3, 5], 16) is None  # 32 dense < PACK_MIN_TOKENS
+  assert loop_lib.packed_prefill_budget([80, 114, 177, 97, 48, 53, 80, 114], 256) == 1024
+  assert loop_lib.packed_prefill_budget([250] * 8, 256) is None  # 2048 would be no saving
+  assert loop_lib.packed_prefill_budget([10] * 64, 32) == 1024
+
+
+def test_generate_with_packed_prefill_equals_dense(monkeypatch):
+  """End to end, plain and speculative (target taps feed the draft): greedy tokens are the
+  same with every prefill packed as with every prefill dense (gemma3: sliding layers)."""
+  from dspark_jax.engine import Engine
+  target = testing.random_target(testing.tiny_config("gemma3", vocab=64), scale=8.0, seed=1)
+  monkeypatch.setattr(loop_lib, "PACK_MIN_TOKENS", 1)
+  prompts = PROMPTS + [[2, 3], [9] * 11]
+  draft = dj.init_draft(target, "dspark", num_layers=1, block_size=3, target_layer_ids=(0, 1),
+                        markov_rank=8, seed=0)
+  engine = Engine.for_target(target)
+  runs = {}
+  for packed in (True, False):
+    monkeypatch.setattr(engine, "packed_prefill", packed)
+    runs[packed] = [dj.generate(target, prompts, max_new_tokens=6, stop_tokens=[],
+                                batch_size=8, draft=d).tokens for d in (None, draft)]
+  assert loop_lib.packed_prefill_budget([len(p) for p in prompts] + [1] * 3, 16) == 64
+  assert runs[True] == runs[False]

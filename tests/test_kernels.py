@@ -18,11 +18,11 @@ from dspark_jax.decoding.state import Proposal
 from dspark_jax.demo import tiny as testing
 from dspark_jax.drafts import api as draft_api
 from dspark_jax.drafts import heads, runtime
-from kernels import attention, dispatch
-from kernels.markov_sampler import pallas as ms_pallas
-from kernels.markov_sampler import reference as ms_ref
-from kernels.prefix_accept import pallas as pa_pallas
-from kernels.prefix_accept import reference as pa_ref
+from dspark_jax.kernels import attention, dispatch
+from dspark_jax.kernels.markov_sampler import pallas as ms_pallas
+from dspark_jax.kernels.markov_sampler import reference as ms_ref
+from dspark_jax.kernels.prefix_accept import pallas as pa_pallas
+from dspark_jax.kernels.prefix_accept import reference as pa_ref
 
 # Compiled runs need power-of-two tiles and, for the Markov dot, >= 16 rows / rank / columns.
 COMPILED = [pytest.param(True, id="interpret"),
@@ -83,12 +83,39 @@ def test_dispatch_auto_and_forced_on_accelerators(monkeypatch):
 
 def test_attention_has_no_pallas_backend_yet(kernels_env):
   q = jnp.ones((1, 2, 2, 4))
-  seg = attention.KV(jnp.ones((1, 1, 3, 4)), jnp.ones((1, 1, 3, 4)), causal=False)
+  seg = attention.KV(jnp.ones((1, 1, 4, 3)), jnp.ones((1, 1, 3, 4)), causal=False)
   assert attention.attention(q, seg, scale=0.5, implementation="auto").shape == (1, 2, 2, 4)
   kernels_env("pallas")  # process-wide: the ops that have a kernel use it, attention its reference
   assert attention.attention(q, seg, scale=0.5).shape == (1, 2, 2, 4)
   with pytest.raises(NotImplementedError, match="segment attention"):
     attention.attention(q, seg, scale=0.5, implementation="pallas")
+
+
+def test_attention_prefix_spans():
+  assert attention.prefix_spans(320) == (320,)  # no prefix below a third: slicing costs more
+  assert attention.prefix_spans(512) == (128, 512)
+  assert attention.prefix_spans(2048) == (128, 256, 512, 2048)
+
+
+@pytest.mark.parametrize("extent", [1, 100, 128, 129, 300, 512, 1024])
+def test_attention_extent_reads_a_prefix_with_the_same_result(extent):
+  """A causal cache read only up to a bucketed prefix covering `extent` equals the read of
+  the whole cache, with GQA, a window and a second (block) segment, at every span bucket."""
+  b, t, k, g, h, s = 2, 3, 2, 3, 8, 1024
+  keys = _keys(7, 6)
+  q = jax.random.normal(keys[0], (b, t, k * g, h))
+  kc = jax.random.normal(keys[1], (b, k, h, s))
+  vc = jax.random.normal(keys[2], (b, k, s, h))
+  pos = jnp.stack([jnp.arange(t) + extent - t, jnp.arange(t) + max(extent // 2 - t, 0)])
+  pos = jnp.maximum(pos, 0).astype(jnp.int32)
+  blk = attention.Block(jax.random.normal(keys[3], (b, t, k, h)),
+                        jax.random.normal(keys[4], (b, t, k, h)), group=t)
+  for window in (None, 64):
+    seg = attention.KV(kc, vc, window=window)
+    full = attention.attention(q, seg, blk, q_positions=pos, scale=0.3)
+    part = jax.jit(lambda e, seg=seg: attention.attention(q, seg, blk, q_positions=pos,
+                                                          scale=0.3, extent=e))(extent)
+    np.testing.assert_allclose(np.asarray(part), np.asarray(full), rtol=1e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,13 +1,16 @@
-"""The top-level `kernels` and `dspark_jax` packages are ours (PyPI has an unrelated `kernels`)."""
+"""The `dspark_jax` package is ours, and `kernels` is left to Hugging Face's package."""
 
 import pathlib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_kernels_package_is_ours():
-  import kernels
-  assert pathlib.Path(kernels.__file__).resolve().parent == REPO / "kernels"
+def test_no_top_level_kernels_package():
+  """transformers (>= 5.25) imports Hugging Face's `kernels`; a top-level package of ours by
+  that name shadowed it whenever the repo root was on `sys.path` (train.py, serve.py)."""
+  assert not (REPO / "kernels").exists()
+  import dspark_jax.kernels
+  assert pathlib.Path(dspark_jax.kernels.__file__).resolve().parent == REPO / "dspark_jax" / "kernels"
 
 
 def test_dspark_jax_is_ours():

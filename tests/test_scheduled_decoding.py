@@ -78,7 +78,7 @@ def test_packed_verify_equals_dense_verify(target):
       np.testing.assert_allclose(ptaps[r, :n], dtaps[r, :n], atol=1e-5)
       start = int(lengths[r])
       for kp, kd in zip(pcache.k, dcache.k):
-        np.testing.assert_allclose(kp[r, :, :start + n], kd[r, :, :start + n], atol=1e-5)
+        np.testing.assert_allclose(kp[r, ..., :start + n], kd[r, ..., :start + n], atol=1e-5)
     # The finished row's cache is untouched by either path.
     np.testing.assert_array_equal(np.asarray(pcache.k[0][2]), np.asarray(cache.k[0][2]))
     np.testing.assert_array_equal(np.asarray(dcache.k[0][2]), np.asarray(cache.k[0][2]))

@@ -16,7 +16,7 @@ from flax import nnx
 
 from dspark_jax.decoding import commit, sampling
 from dspark_jax.decoding.cache import KVCache
-from dspark_jax.decoding.state import ARState, Batch, Rows
+from dspark_jax.decoding.state import ARState, Batch, Pack, Rows
 
 # Incremented at trace time: tests assert one compilation per (bucket, ...) key.
 TRACE_COUNTS: dict[str, int] = {}
@@ -26,19 +26,48 @@ def count_trace(name: str):
   TRACE_COUNTS[name] = TRACE_COUNTS.get(name, 0) + 1
 
 
-def prefill(model, batch: Batch, cache: KVCache, taps=()):
+def prefill(model, batch: Batch, cache: KVCache, taps=(), budget: int | None = None):
   """Runs the prompts through the target, filling the cache.
+
+  `budget` (static): run the projections and MLPs on the prompts' real tokens only, packed
+  into a flat batch of `budget` >= sum(lengths) tokens (`Pack`), instead of on all B * Tp
+  padded slots; same results. What the engine picks: `packed_prefill_budget`.
 
   Returns:
     (cache with lengths = prompt lengths, last-position logits float32 `[B, V]`,
-     taps `[B, Tp, C]` or None)
+     taps `[B, Tp, C]` (zeros beyond each prompt when packed) or None)
   """
   tp = batch.tokens.shape[1]
-  out = model(batch.tokens, cache=cache.commit(jnp.zeros_like(batch.lengths)), attend_len=tp,
-              taps=taps, compute_logits=False)
-  last_hidden = jnp.take_along_axis(out.hidden, (batch.lengths - 1)[:, None, None], axis=1)[:, 0]
+  empty = cache.commit(jnp.zeros_like(batch.lengths))
+  if budget is None:
+    out = model(batch.tokens, cache=empty, attend_len=tp, taps=taps, compute_logits=False)
+    hidden, tap_out = out.hidden, out.taps
+  else:
+    valid = jnp.arange(tp)[None, :] < batch.lengths[:, None]
+    flat, pack = Pack.build(batch.tokens, valid, jnp.zeros_like(batch.lengths), budget)
+    pos = pack.to_flat(pack.positions)
+    out = model(flat[None], pos, cache=empty, attend_len=tp, taps=taps, compute_logits=False,
+                pack=pack)
+    hidden = pack.to_dense(out.hidden)
+    tap_out = None if out.taps is None else pack.to_dense(out.taps)
+  last_hidden = jnp.take_along_axis(hidden, (batch.lengths - 1)[:, None, None], axis=1)[:, 0]
   logits = model.logits_from_hidden(last_hidden)
-  return out.cache.commit(batch.lengths), logits, out.taps
+  return out.cache.commit(batch.lengths), logits, tap_out
+
+
+# Packed prefill pays from this many tokens on: below it a prefill is cheap either way, and
+# every distinct budget is one more compiled program.
+PACK_MIN_TOKENS = 256
+
+
+def packed_prefill_budget(lengths, tp: int) -> int | None:
+  """The packed-prefill budget for prompt lengths `[B]` (host values) padded to `tp`: the
+  smallest power of two >= sum(lengths) (at least `tp` and `PACK_MIN_TOKENS`) when it is
+  smaller than the dense B * Tp, else None (dense prefill)."""
+  total = int(sum(int(x) for x in lengths))
+  dense = len(lengths) * tp
+  n = max(tp, PACK_MIN_TOKENS, 1 << max(0, (max(total, 1) - 1).bit_length()))
+  return n if n < dense else None
 
 
 def first_token(logits, batch: Batch, seed_key, params):
@@ -49,10 +78,11 @@ def first_token(logits, batch: Batch, seed_key, params):
   return first, done
 
 
-def ar_init(model, batch: Batch, cache: KVCache, seed_key, params, *, out_len: int) -> ARState:
+def ar_init(model, batch: Batch, cache: KVCache, seed_key, params, *, out_len: int,
+            prefill_budget: int | None = None) -> ARState:
   """Prefill + first token: the decode state of a fresh batch."""
   b = batch.lengths.shape[0]
-  cache, logits, _ = prefill(model, batch, cache)
+  cache, logits, _ = prefill(model, batch, cache, budget=prefill_budget)
   first, done = first_token(logits, batch, seed_key, params)
   out = jnp.full((b, out_len), -1, jnp.int32).at[:, 0].set(first)
   return ARState(cache=cache, rows=Rows.of(batch), last=first, out=out,
@@ -87,9 +117,11 @@ def ar_rounds(model, state: ARState, seed_key, params, num_steps) -> ARState:
   return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_steps"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_steps", "prefill_budget"),
+                   donate_argnames=("cache",))
 def ar_generate(graphdef, params, batch: Batch, cache: KVCache, seed_key,
-                sampling_params: sampling.SamplingParams, *, max_steps: int):
+                sampling_params: sampling.SamplingParams, *, max_steps: int,
+                prefill_budget: int | None = None):
   """Prefill + autoregressive decoding of a batch, entirely on device.
 
   Args:
@@ -99,12 +131,14 @@ def ar_generate(graphdef, params, batch: Batch, cache: KVCache, seed_key,
     seed_key: PRNG key of the generation seed.
     sampling_params: temperature / top-k / top-p.
     max_steps: static output buffer size (>= max(batch.max_new)).
+    prefill_budget: static packed-prefill budget (`packed_prefill_budget`), None for dense.
 
   Returns:
     (out `[B, max_steps]`, num_out `[B]`, steps `[B]`, cache)
   """
   count_trace("ar_generate")
   model = nnx.merge(graphdef, params)
-  state = ar_init(model, batch, cache, seed_key, sampling_params, out_len=max_steps)
+  state = ar_init(model, batch, cache, seed_key, sampling_params, out_len=max_steps,
+                  prefill_budget=prefill_budget)
   state = ar_rounds(model, state, seed_key, sampling_params, max_steps - 1)
   return state.out, state.num_out, state.steps, state.cache

@@ -42,7 +42,7 @@ from dspark_jax.decoding.cache import KVCache
 from dspark_jax.decoding.loop import count_trace, first_token, prefill
 from dspark_jax.decoding.state import Batch, Pack, Proposal, Rows, SpecState
 from dspark_jax.typing import Array
-from kernels import prefix_accept as accept_kernels
+from dspark_jax.kernels import prefix_accept as accept_kernels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,16 +79,10 @@ def pack_tokens(tokens: Array, verify_len: Array, live: Array, budget: int):
   Returns:
     (flat tokens int32 `[N]`, Pack-ready rows `[N]`, cols `[N]`, dense valid `[B, W]`)
   """
-  b, w = tokens.shape
+  w = tokens.shape[1]
   valid = (jnp.arange(w)[None, :] <= verify_len[:, None]) & live[:, None]
-  flat_index = jnp.cumsum(valid.reshape(-1)) - 1  # position of each valid slot in the pack
-  dest = jnp.where(valid.reshape(-1), flat_index, budget)  # invalid -> dropped
-  rows = jnp.full((budget,), b, jnp.int32).at[dest].set(
-      jnp.repeat(jnp.arange(b, dtype=jnp.int32), w), mode="drop")
-  cols = jnp.zeros((budget,), jnp.int32).at[dest].set(
-      jnp.tile(jnp.arange(w, dtype=jnp.int32), b), mode="drop")
-  flat = jnp.zeros((budget,), jnp.int32).at[dest].set(tokens.reshape(-1), mode="drop")
-  return flat, rows, cols, valid
+  flat, pack = Pack.build(tokens, valid, jnp.zeros_like(verify_len), budget)
+  return flat, pack.rows, pack.cols, valid
 
 
 def verify_packed(target_model, cache: KVCache, anchor: Array, drafts: Array, verify_len: Array,
@@ -232,12 +226,13 @@ class LoopSpec:
 
 
 def spec_init(tmodel, draft, loop: LoopSpec, batch: Batch, cache: KVCache, draft_state,
-              seed_key, params, *, out_len: int, max_rounds: int) -> SpecState:
+              seed_key, params, *, out_len: int, max_rounds: int,
+              prefill_budget: int | None = None) -> SpecState:
   """Prefill of target and draft, the first token, and an empty round record."""
   b = batch.lengths.shape[0]
   p = loop.num_draft
   taps = loop.runtime.target_taps(draft)
-  cache, logits, prompt_taps = prefill(tmodel, batch, cache, taps)
+  cache, logits, prompt_taps = prefill(tmodel, batch, cache, taps, budget=prefill_budget)
   first, done = first_token(logits, batch, seed_key, params)
   draft_state = loop.runtime.prefill(draft, tmodel, draft_state, prompt_taps, batch, first)
   zeros_r = jnp.zeros((b, max_rounds), jnp.int32)
@@ -329,11 +324,12 @@ def spec_rounds(tmodel, draft, loop: LoopSpec, state: SpecState, seed_key, param
   return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
 
 
-@functools.partial(jax.jit, static_argnames=("tgraph", "dgraph", "loop", "max_steps"),
+@functools.partial(jax.jit, static_argnames=("tgraph", "dgraph", "loop", "max_steps",
+                                             "prefill_budget"),
                    donate_argnames=("cache", "draft_state"))
 def spec_generate(tgraph, tparams, dgraph, dparams, batch: Batch, cache: KVCache, draft_state,
                   seed_key, params, verify_cap: Array, scheduler=None, *, loop: LoopSpec,
-                  max_steps: int):
+                  max_steps: int, prefill_budget: int | None = None):
   """Jitted speculative generation of one batch: prefill + all rounds in one program.
 
   One compilation per (bucket, loop spec, scheduler policy); the scheduler's tables are
@@ -347,6 +343,7 @@ def spec_generate(tgraph, tparams, dgraph, dparams, batch: Batch, cache: KVCache
   tmodel = nnx.merge(tgraph, tparams)
   draft = nnx.merge(dgraph, dparams)
   state = spec_init(tmodel, draft, loop, batch, cache, draft_state, seed_key, params,
-                    out_len=max_steps + loop.num_draft + 1, max_rounds=max_steps)
+                    out_len=max_steps + loop.num_draft + 1, max_rounds=max_steps,
+                    prefill_budget=prefill_budget)
   return spec_rounds(tmodel, draft, loop, state, seed_key, params, scheduler, verify_cap,
                      max_steps)

@@ -153,6 +153,30 @@ class Pack:
   start: Array
   valid: Array
 
+  @classmethod
+  def build(cls, tokens: Array, valid: Array, start: Array, budget: int) -> tuple[Array, "Pack"]:
+    """Packs the valid slots of dense `tokens` `[B, W]` into a flat batch of `budget` (static,
+    >= the number of valid slots), in row-major order.
+
+    Args:
+      tokens: int32 `[B, W]`.
+      valid: bool `[B, W]`; each row's valid slots are a prefix.
+      start: int32 `[B]` cache position of each row's slot 0.
+      budget: N.
+
+    Returns:
+      (flat tokens int32 `[N]` (padding 0), the Pack).
+    """
+    b, w = tokens.shape
+    flat_index = jnp.cumsum(valid.reshape(-1)) - 1  # position of each valid slot in the pack
+    dest = jnp.where(valid.reshape(-1), flat_index, budget)  # invalid -> dropped
+    rows = jnp.full((budget,), b, jnp.int32).at[dest].set(
+        jnp.repeat(jnp.arange(b, dtype=jnp.int32), w), mode="drop")
+    cols = jnp.zeros((budget,), jnp.int32).at[dest].set(
+        jnp.tile(jnp.arange(w, dtype=jnp.int32), b), mode="drop")
+    flat = jnp.zeros((budget,), jnp.int32).at[dest].set(tokens.reshape(-1), mode="drop")
+    return flat, cls(rows=rows, cols=cols, start=start, valid=valid)
+
   def to_dense(self, x: Array) -> Array:
     """`[1, N, ...]` -> `[B, W, ...]` (empty slots zero)."""
     b, w = self.valid.shape

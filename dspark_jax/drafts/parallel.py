@@ -29,7 +29,7 @@ from dspark_jax.models import layers
 from dspark_jax.models import rope as rope_lib
 from dspark_jax.models.transformer import DecoderLayer
 from dspark_jax.typing import Array
-from kernels import attention as attn_kernels
+from dspark_jax.kernels import attention as attn_kernels
 
 
 class ParallelDraft(nnx.Module):

@@ -14,7 +14,7 @@ from dspark_jax.decoding.cache import KVCache
 from dspark_jax.decoding.state import Proposal
 from dspark_jax.drafts import parallel
 from dspark_jax.typing import Array
-from kernels import markov_sampler as markov_kernels
+from dspark_jax.kernels import markov_sampler as markov_kernels
 
 
 def position_keys(keys: Array, k) -> Array:

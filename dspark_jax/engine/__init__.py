@@ -94,10 +94,12 @@ class RunResult:
   record: dict | None = None  # speculative: accept/verify lengths, confidences, counts
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "out_len"), donate_argnames=("cache",))
-def _ar_init(graphdef, params, batch, cache, seed_key, sampling_params, *, out_len):
+@functools.partial(jax.jit, static_argnames=("graphdef", "out_len", "prefill_budget"),
+                   donate_argnames=("cache",))
+def _ar_init(graphdef, params, batch, cache, seed_key, sampling_params, *, out_len,
+             prefill_budget=None):
   return loop_lib.ar_init(nnx.merge(graphdef, params), batch, cache, seed_key, sampling_params,
-                          out_len=out_len)
+                          out_len=out_len, prefill_budget=prefill_budget)
 
 
 def _head(tree, rows: int | None):
@@ -124,13 +126,14 @@ def _ar_rounds(graphdef, params, state, seed_key, sampling_params, num_steps, ro
   return _put_head(state, head, rows)
 
 
-@functools.partial(jax.jit, static_argnames=("tgraph", "dgraph", "loop", "out_len", "max_rounds"),
+@functools.partial(jax.jit, static_argnames=("tgraph", "dgraph", "loop", "out_len", "max_rounds",
+                                             "prefill_budget"),
                    donate_argnames=("cache", "draft_state"))
 def _spec_init(tgraph, tparams, dgraph, dparams, batch, cache, draft_state, seed_key, params, *,
-               loop, out_len, max_rounds):
+               loop, out_len, max_rounds, prefill_budget=None):
   return speculative.spec_init(nnx.merge(tgraph, tparams), nnx.merge(dgraph, dparams), loop,
                                batch, cache, draft_state, seed_key, params, out_len=out_len,
-                               max_rounds=max_rounds)
+                               max_rounds=max_rounds, prefill_budget=prefill_budget)
 
 
 @functools.partial(jax.jit, static_argnames=("tgraph", "dgraph", "loop", "rows"),
@@ -163,9 +166,10 @@ class Engine:
   _shared: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
   _shared_lock = threading.Lock()
 
-  def __init__(self, target, *, max_buffers: int = 4):
+  def __init__(self, target, *, max_buffers: int = 4, packed_prefill: bool = True):
     self._target = weakref.ref(target)  # the shared registry is keyed weakly on the target
     self.pool = BufferPool(max_buffers)
+    self.packed_prefill = packed_prefill
 
   @property
   def target(self):
@@ -215,10 +219,12 @@ class Engine:
     """Prefill + decode of one padded batch on device; `steps` >= every row's max_new."""
     b, tp = batch.tokens.shape
     t = self.target
+    budget = self.prefill_budget(batch)
     if loop is None:
       ckey, cache = self._cache(b, tp + steps)
       out, num, nsteps, cache = loop_lib.ar_generate(t.graphdef, t.params, batch, cache,
-                                                     seed_key, params, max_steps=steps)
+                                                     seed_key, params, max_steps=steps,
+                                                     prefill_budget=budget)
       self.pool.give(ckey, cache)
       out, num, nsteps = jax.device_get((out, num, nsteps))
       return RunResult(out=np.asarray(out), num_out=np.asarray(num), rounds=np.asarray(num))
@@ -230,10 +236,19 @@ class Engine:
                       else np.full((b,), loop.num_draft, np.int32))
     s = speculative.spec_generate(t.graphdef, t.params, d.graphdef, d.params, batch, cache,
                                   dstate, seed_key, params, cap, scheduler, loop=loop,
-                                  max_steps=steps)
+                                  max_steps=steps, prefill_budget=budget)
     self.pool.give(ckey, s.cache)
     self.pool.give(dkey, s.draft_state)
     return self._record(s)
+
+  def prefill_budget(self, batch: Batch) -> int | None:
+    """Packed-prefill budget of `batch` (`loop.packed_prefill_budget`; None: dense). Reads
+    the prompt lengths back to the host once, before the program runs; `packed_prefill=False`
+    on the engine keeps every prefill dense."""
+    if not self.packed_prefill:
+      return None
+    return loop_lib.packed_prefill_budget(np.asarray(jax.device_get(batch.lengths)),
+                                          batch.tokens.shape[1])
 
   @staticmethod
   def _record(s) -> RunResult:
@@ -252,13 +267,15 @@ class Engine:
     b = batch.tokens.shape[0]
     t = self.target
     _, cache = self._cache(b, capacity)
+    budget = self.prefill_budget(batch)
     if loop is None:
-      return _ar_init(t.graphdef, t.params, batch, cache, seed_key, params, out_len=out_len)
+      return _ar_init(t.graphdef, t.params, batch, cache, seed_key, params, out_len=out_len,
+                      prefill_budget=budget)
     d = draft
     _, dstate = self._draft_state(d, b, capacity)
     return _spec_init(t.graphdef, t.params, d.graphdef, d.params, batch, cache, dstate,
                       seed_key, params, loop=loop, out_len=out_len,
-                      max_rounds=max_rounds or out_len)
+                      max_rounds=max_rounds or out_len, prefill_budget=budget)
 
   def rounds(self, state, num_rounds: int, seed_key, params, *, draft=None,
              loop: speculative.LoopSpec | None = None, scheduler=None, verify_cap=None,

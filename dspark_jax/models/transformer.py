@@ -31,7 +31,7 @@ from dspark_jax.decoding.state import Pack
 from dspark_jax.models import layers
 from dspark_jax.models import rope as rope_lib
 from dspark_jax.typing import Array
-from kernels import attention as attn_kernels
+from dspark_jax.kernels import attention as attn_kernels
 
 
 class Attention(nnx.Module):
@@ -88,11 +88,12 @@ class Attention(nnx.Module):
       v = self.v_norm(v)
     return k, v
 
-  def attend(self, q: Array, *segments, q_positions: Array | None = None) -> Array:
+  def attend(self, q: Array, *segments, q_positions: Array | None = None,
+             extent: Array | None = None) -> Array:
     """Attention of `q` `[B, T, N, H]` over key segments (`kernels.attention`) with this
-    layer's scale and soft-cap: `[B, T, N, H]`."""
+    layer's scale and soft-cap: `[B, T, N, H]`. `extent`: see `kernels.attention`."""
     return attn_kernels.attention(q, *segments, q_positions=q_positions, scale=self.scale,
-                                  softcap=self.logit_softcap)
+                                  softcap=self.logit_softcap, extent=extent)
 
 
 # attn_fn(attn_module, q, k_new, v_new) -> attention output `[B, T, N, H]` (before o_proj).
@@ -272,6 +273,12 @@ class CausalLM(nnx.Module):
     carry = {"cache": cache}
     segment_of_layer: dict = {}
     tap_out = {}
+    # Causal cache attention sees no slot beyond the highest query position: attention reads
+    # only a bucketed prefix of the cache (`kernels.attention` extent); prefill passes
+    # `attend_len` instead, a static prefix.
+    extent = None
+    if cache is not None and attend_len is None:
+      extent = jnp.max(pack.positions if pack is not None else positions) + 1
 
     for i, layer in enumerate(self.model.layers):
       rope = cfg.rope_for(i)
@@ -286,7 +293,7 @@ class CausalLM(nnx.Module):
         if k_new is None:  # KV-shared layer: reuse the source layer's keys/values.
           seg = dataclasses.replace(segment_of_layer[src], window=window)
         elif cache is None:  # full sequence: keys are the T tokens themselves
-          seg = attn_kernels.KV(k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3),
+          seg = attn_kernels.KV(k_new.transpose(0, 2, 3, 1), v_new.transpose(0, 2, 1, 3),
                                 positions=positions, window=window)
         elif pack is not None:
           c = carry["cache"].write(slot_of[i], pack.to_dense(k_new), pack.to_dense(v_new),
@@ -299,9 +306,9 @@ class CausalLM(nnx.Module):
           seg = c.segment(slot_of[i], span=attend_len, window=window)
         segment_of_layer[i] = seg
         if pack is not None:
-          out = att.attend(pack.to_dense(q), seg, q_positions=pack.positions)
+          out = att.attend(pack.to_dense(q), seg, q_positions=pack.positions, extent=extent)
           return pack.to_flat(out)
-        return att.attend(q, seg, q_positions=positions)
+        return att.attend(q, seg, q_positions=positions, extent=extent)
 
       x = layer(x, cos, sin, attn_fn, ple[:, :, i] if ple is not None else None)
       if i in taps:

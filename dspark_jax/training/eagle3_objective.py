@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax.typing import Array
-from kernels import attention as attn_kernels
+from dspark_jax.kernels import attention as attn_kernels
 
 
 def ttt_attention(att, q: Array, k0: Array, v0: Array, diag: list[tuple[Array, Array]],
@@ -40,7 +40,7 @@ def ttt_attention(att, q: Array, k0: Array, v0: Array, diag: list[tuple[Array, A
   b, s = q.shape[:2]
   idx = jnp.arange(s, dtype=jnp.int32)
   pos = jnp.broadcast_to(idx, (b, s))
-  base = attn_kernels.KV(k0.transpose(0, 2, 1, 3), v0.transpose(0, 2, 1, 3), lengths=valid_len)
+  base = attn_kernels.KV(k0.transpose(0, 2, 3, 1), v0.transpose(0, 2, 1, 3), lengths=valid_len)
   ok = idx[None, :] < valid_len[:, None]  # [B, S]
   steps = [attn_kernels.Block(kd, vd, group=1, valid=ok) for kd, vd in diag]
   return att.attend(q, base, *steps, q_positions=pos)

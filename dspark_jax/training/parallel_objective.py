@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax.typing import Array
-from kernels import attention as attn_kernels
+from dspark_jax.kernels import attention as attn_kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +107,7 @@ def block_attention(att, q: Array, k_blk: Array, v_blk: Array, ctx_k: Array, ctx
   """
   qb = q.shape[1] // num_blocks
   limit = jnp.repeat(anchors, qb, axis=1)  # [B, N_a*Q]: per-query context length
-  ctx = attn_kernels.KV(ctx_k.transpose(0, 2, 1, 3), ctx_v.transpose(0, 2, 1, 3), lengths=limit,
+  ctx = attn_kernels.KV(ctx_k.transpose(0, 2, 3, 1), ctx_v.transpose(0, 2, 1, 3), lengths=limit,
                         causal=False)
   return att.attend(q, ctx, attn_kernels.Block(k_blk, v_blk, group=qb, valid=keep))
 

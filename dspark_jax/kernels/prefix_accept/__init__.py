@@ -5,6 +5,6 @@
 `pallas.py` (interpreted on CPU).
 """
 
-from kernels.prefix_accept.api import AUTO_ON, COMPILED_ON, choose, greedy_accept, prefix_accept
+from dspark_jax.kernels.prefix_accept.api import AUTO_ON, COMPILED_ON, choose, greedy_accept, prefix_accept
 
 __all__ = ["prefix_accept", "greedy_accept", "choose", "COMPILED_ON", "AUTO_ON"]

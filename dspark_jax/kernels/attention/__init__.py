@@ -5,7 +5,7 @@
 (`reference.py`), which every other backend is tested against.
 """
 
-from kernels.attention.api import IMPLEMENTATIONS, attention
-from kernels.attention.reference import KV, MASK_VALUE, Block
+from dspark_jax.kernels.attention.api import IMPLEMENTATIONS, attention, prefix_spans
+from dspark_jax.kernels.attention.reference import KV, MASK_VALUE, Block
 
-__all__ = ["attention", "KV", "Block", "MASK_VALUE", "IMPLEMENTATIONS"]
+__all__ = ["attention", "prefix_spans", "KV", "Block", "MASK_VALUE", "IMPLEMENTATIONS"]

@@ -1,8 +1,9 @@
 """dspark-jax Pallas kernels, each beside a pure-jnp reference and behind a dispatcher.
 
 Per op: `reference.py` (the spec), `pallas.py` (the kernel, `interpret=` for CPU) and
-`api.py` (the dispatcher, `kernels.dispatch`: `DSPARK_KERNELS=auto|xla|pallas`). Ops:
+`api.py` (the dispatcher, `dspark_jax.kernels.dispatch`: `DSPARK_KERNELS=auto|xla|pallas`). Ops:
 `attention` (reference only so far), `markov_sampler`, `prefix_accept`.
 
-This is the project's own top-level `kernels` package (not PyPI's unrelated `kernels`).
+It lives inside `dspark_jax`: a top-level `kernels` package shadowed Hugging Face's
+`kernels`, which transformers (>= 5.25) imports.
 """

@@ -4,6 +4,6 @@
 `reference.py`, "pallas" the fused kernel of `pallas.py` (interpreted on CPU).
 """
 
-from kernels.markov_sampler.api import AUTO_ON, COMPILED_ON, choose, markov_sample
+from dspark_jax.kernels.markov_sampler.api import AUTO_ON, COMPILED_ON, choose, markov_sample
 
 __all__ = ["markov_sample", "choose", "COMPILED_ON", "AUTO_ON"]

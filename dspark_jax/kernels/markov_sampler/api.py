@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from kernels import dispatch
-from kernels.markov_sampler import pallas as pallas_impl
-from kernels.markov_sampler import reference
+from dspark_jax.kernels import dispatch
+from dspark_jax.kernels.markov_sampler import pallas as pallas_impl
+from dspark_jax.kernels.markov_sampler import reference
 
 OP = "markov sampler"
 COMPILED_ON = ("gpu",)  # Triton lowering; TPU would need aligned (masked) vocabulary tiles

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from kernels import dispatch
-from kernels.prefix_accept import pallas as pallas_impl
-from kernels.prefix_accept import reference
+from dspark_jax.kernels import dispatch
+from dspark_jax.kernels.prefix_accept import pallas as pallas_impl
+from dspark_jax.kernels.prefix_accept import reference
 
 OP = "prefix accept"
 COMPILED_ON = ("gpu",)  # Triton lowering; TPU would need aligned (masked) vocabulary tiles

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.prefix_accept.reference import RESIDUAL_MIN_MASS, log_weights
+from dspark_jax.kernels.prefix_accept.reference import RESIDUAL_MIN_MASS, log_weights
 
 Array = jax.Array
 
