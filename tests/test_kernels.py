@@ -93,15 +93,16 @@ def test_attention_has_no_pallas_backend_yet(kernels_env):
 
 def test_attention_prefix_spans():
   assert attention.prefix_spans(320) == (320,)  # no prefix below a third: slicing costs more
-  assert attention.prefix_spans(512) == (128, 512)
-  assert attention.prefix_spans(2048) == (128, 256, 512, 2048)
+  assert attention.prefix_spans(1024) == (256, 1024)
+  assert attention.prefix_spans(4096) == (256, 1024, 4096)
+  assert attention.prefix_spans(8326) == (256, 1024, 8326)  # a server slot (SmolLM2)
 
 
-@pytest.mark.parametrize("extent", [1, 100, 128, 129, 300, 512, 1024])
+@pytest.mark.parametrize("extent", [1, 200, 256, 257, 1024, 1025, 4096])
 def test_attention_extent_reads_a_prefix_with_the_same_result(extent):
   """A causal cache read only up to a bucketed prefix covering `extent` equals the read of
   the whole cache, with GQA, a window and a second (block) segment, at every span bucket."""
-  b, t, k, g, h, s = 2, 3, 2, 3, 8, 1024
+  b, t, k, g, h, s = 2, 3, 2, 3, 8, 4096
   keys = _keys(7, 6)
   q = jax.random.normal(keys[0], (b, t, k * g, h))
   kc = jax.random.normal(keys[1], (b, k, h, s))

@@ -13,13 +13,13 @@ from dspark_jax.kernels.attention import reference
 IMPLEMENTATIONS = ("xla",)  # backends built for this op
 
 # Smallest key prefix worth a branch of its own: below it the slice saves less than the switch.
-MIN_SPAN = 128
+MIN_SPAN = 256
 
 
 def prefix_spans(capacity: int) -> tuple[int, ...]:
-  """The key-prefix lengths a cache of `capacity` slots is attended over: powers of two
-  from `MIN_SPAN` up to a quarter of the capacity, then the capacity itself (one compiled
-  branch each).
+  """The key-prefix lengths a cache of `capacity` slots is attended over: `MIN_SPAN` times
+  powers of four up to a quarter of the capacity, then the capacity itself (one compiled
+  branch per layer each, so few: every branch adds to every program's compile time).
 
   XLA-CPU copies a sliced prefix before the dots read it (slice + copy + read, about 3x the
   prefix's bytes, against one read of the whole cache), so a prefix pays only below about a
@@ -29,7 +29,7 @@ def prefix_spans(capacity: int) -> tuple[int, ...]:
   spans, s = [], MIN_SPAN
   while 4 * s <= capacity:
     spans.append(s)
-    s *= 2
+    s *= 4
   return (*spans, capacity)
 
 
