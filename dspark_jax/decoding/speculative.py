@@ -67,24 +67,6 @@ def verify(target_model, cache: KVCache, anchor: Array, drafts: Array, taps=(),
   return out.logits, out.taps, out.cache
 
 
-def pack_tokens(tokens: Array, verify_len: Array, live: Array, budget: int):
-  """Flat coordinates of the verified tokens `[a, x_1..x_l]` of every live row.
-
-  Args:
-    tokens: int32 `[B, W]` dense verify tokens (W = P + 1).
-    verify_len: int32 `[B]` drafts verified per row.
-    live: bool `[B]`.
-    budget: static N >= the number of verified tokens.
-
-  Returns:
-    (flat tokens int32 `[N]`, Pack-ready rows `[N]`, cols `[N]`, dense valid `[B, W]`)
-  """
-  w = tokens.shape[1]
-  valid = (jnp.arange(w)[None, :] <= verify_len[:, None]) & live[:, None]
-  flat, pack = Pack.build(tokens, valid, jnp.zeros_like(verify_len), budget)
-  return flat, pack.rows, pack.cols, valid
-
-
 def verify_packed(target_model, cache: KVCache, anchor: Array, drafts: Array, verify_len: Array,
                   live: Array, taps, budgets: tuple[int, ...]):
   """`verify` that computes only the scheduled tokens, in the smallest fitting budget.
@@ -113,10 +95,10 @@ def verify_packed(target_model, cache: KVCache, anchor: Array, drafts: Array, ve
     return pad(logits), pad(tap), cache
 
   def run(budget, cache):
-    flat, rows, cols, valid = pack_tokens(tokens, verify_len, live, budget)
-    pack = Pack(rows=rows, cols=cols, start=cache.lengths, valid=valid)
-    pos = pack.to_flat(pack.positions)[0]
-    out = target_model(flat[None], pos[None], cache=cache, taps=taps, pack=pack)
+    valid = (jnp.arange(w)[None, :] <= verify_len[:, None]) & live[:, None]
+    flat, pack = Pack.build(tokens, valid, cache.lengths, budget)
+    out = target_model(flat[None], pack.to_flat(pack.positions), cache=cache, taps=taps,
+                       pack=pack)
     logits = pack.to_dense(out.logits)
     tap = None if out.taps is None else pack.to_dense(out.taps)
     return logits, tap, out.cache
