@@ -64,12 +64,14 @@ def test_packed_verify_equals_dense_verify(target):
   anchor = jnp.array([3, 1, 4], jnp.int32)
   drafts = jnp.asarray(rng.integers(0, 12, (b, P)), jnp.int32)
   live = jnp.array([True, True, False])
-  dense, dtaps, dcache = speculative.verify(tmodel, cache, anchor, drafts, (0, 2), live)
+  dense, dtaps, dpend = speculative.verify(tmodel, cache, anchor, drafts, (0, 2), live)
+  dcache = cache.write_pending(dpend)
   # Mixed lengths (packed) and all-zero lengths (the plain decode-step branch).
   for budgets, ell in [((16,), [4, 0, 2]), ((2, 7, 15), [4, 0, 2]), ((2, 7, 15), [0, 0, 3])]:
     ell = jnp.array(ell, jnp.int32)
-    packed, ptaps, pcache = speculative.verify_packed(tmodel, cache, anchor, drafts, ell, live,
-                                                      (0, 2), budgets)
+    packed, ptaps, ppend = speculative.verify_packed(tmodel, cache, anchor, drafts, ell, live,
+                                                     (0, 2), budgets)
+    pcache = cache.write_pending(ppend)
     for r in range(b):
       if not live[r]:
         continue
@@ -233,3 +235,18 @@ def test_sps_profile_is_cached_and_used_by_auto(target, tmp_path, monkeypatch):
   assert sched.policy == "early_stop" and sched.sps.shape == (2 * (P + 1) + 1,)
   res = dj.generate(target, PROMPTS[:2], draft=draft, max_new_tokens=8, stop_tokens=[])
   assert res.stats.scheduler == "early_stop"
+
+
+def test_probes_back_off_while_the_draft_does_not_pay(target):
+  """A draft that never pays: forced probes come `probe_every * 2**level` rounds apart, the
+  level growing after each unpaying probe up to `max_probe_level`; output stays plain greedy."""
+  ref = dj.generate(target, PROMPTS[:1], max_new_tokens=40, stop_tokens=[])
+  sched = Scheduler(policy="early_stop", sps=_sps(P + 1), propose_cost=1e9, probe_every=2,
+                    max_probe_level=2)
+  res = dj.generate(target, PROMPTS[:1], draft=_draft(target), max_new_tokens=40,
+                    stop_tokens=[], scheduler=sched)
+  assert res.tokens == ref.tokens
+  flags = res.stats.proposed[0]
+  # The first round probes (level 0 -> 1); then 4, 8, 8, ... plain rounds between probes.
+  assert [i for i, f in enumerate(flags) if f] == [i for i in (0, 5, 14, 23, 32)
+                                                   if i < len(flags)]

@@ -351,3 +351,30 @@ def test_scheduler_pytree_does_not_retrace():
              for t in (0.0, 0.5, 1.0)]
   assert len(traces) == 2  # a new policy is a new program; new thresholds are not
   assert results[0] == [4, 4, 4] and results[2] == [0, 0, 0]
+
+
+def test_load_model_policies():
+  """The load replay (paper Fig. 8 model): exact bookkeeping for AR and fixed, shrinking
+  budgets under concurrency for early stop, and plain steps when the draft never pays."""
+  from dspark_jax.scheduling import load
+  p = 4
+  rng = np.random.default_rng(0)
+  # Calibrated requests: each draft survives with its confidence sigmoid(z).
+  trajs = []
+  for _ in range(6):
+    z = rng.normal(1.0, 0.5, size=(20, p))
+    acc = np.sum(np.cumprod(rng.random((20, p)) < 1 / (1 + np.exp(-z)), axis=1), axis=1)
+    trajs.append((z, acc))
+  sps = 1.0 / (1.0 + 0.2 * np.arange(8 * (p + 1) + 1))  # convex cost in verify tokens
+  ar = load.simulate(trajs, sps, 0.1, 4, policy="ar")
+  assert ar["tokens_per_s"] == pytest.approx(4 * sps[4])
+  fx = load.simulate(trajs, sps, 0.1, 2, policy="fixed", rounds=50)
+  assert fx["verify_per_request"] == p + 1 and fx["proposed_share"] == 1.0
+  assert fx["tokens_per_s"] == pytest.approx(fx["tau"] * 2 / (0.1 + 1 / sps[2 * (p + 1)]))
+  budgets = [load.simulate(trajs, sps, 0.0, r, policy="early_stop")["verify_per_request"]
+             for r in (1, 2, 4, 8)]
+  assert all(a >= b for a, b in zip(budgets, budgets[1:])) and budgets[0] > budgets[-1]
+  never = load.simulate(trajs, sps, 1e6, 2, policy="early_stop", rounds=100)
+  assert never["proposed_share"] < 0.1  # backed-off probes only
+  with pytest.raises(ValueError, match="does not cover"):
+    load.simulate(trajs, sps[:5], 0.1, 2, policy="fixed")

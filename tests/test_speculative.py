@@ -253,9 +253,15 @@ def test_propose_verify_accept_commit_pieces(target):
   cache = KVCache.init(target.config, 2, 16)
   cache = tmodel(toks[:, :2], cache=cache.commit(jnp.zeros(2, jnp.int32))).cache
   cache = cache.commit(jnp.array([2, 2]))
-  logits, _, cache2 = speculative.verify(tmodel, cache, toks[:, 2], toks[:, 3:6])
+  logits, _, pending = speculative.verify(tmodel, cache, toks[:, 2], toks[:, 3:6])
   np.testing.assert_allclose(logits, full[:, 2:6], atol=1e-5)
+  cache2 = cache.write_pending(pending)
   assert (np.asarray(cache2.lengths) == [2, 2]).all()  # verify never commits
+  # The deferred K/V are the ones a writing forward puts in the cache.
+  written = tmodel(toks[:, 2:6], cache.lengths[:, None] + jnp.arange(4)[None, :],
+                   cache=cache).cache
+  for a, b in zip(cache2.k + cache2.v, written.k + written.v):
+    np.testing.assert_allclose(a, b, atol=1e-5)
   t, n, hit = commit.round_tokens(jnp.array([[7, 8, 9], [7, 8, 9]]), jnp.array([2, 3]),
                                   jnp.array([1, 2]), jnp.array([[8], [-1]]))
   assert np.asarray(n).tolist() == [2, 4] and np.asarray(hit).tolist() == [True, False]

@@ -32,6 +32,42 @@ from dspark_jax.kernels import attention as attn_kernels
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
+class PendingKV:
+  """K/V of a block computed but not yet written: what a forward with `defer_writes` returns.
+
+  Writing after the fact lets a loop branch on device (`lax.cond` / `lax.switch` between
+  verify shapes) without carrying the cache through the branch: XLA copies every buffer a
+  conditional updates in place (twice per round inside a `while_loop`), so the branches
+  only read the cache and the one write happens outside them.
+
+  Attributes:
+    k, v: per cache entry, `[B, W, K, H]` (a dense block of W slots per row).
+    start: int32 `[B]` cache slot of each row's first block slot.
+    valid: bool `[B, W]` slots to write.
+  """
+
+  k: tuple[Array, ...]
+  v: tuple[Array, ...]
+  start: Array
+  valid: Array
+
+  def pad(self, width: int) -> "PendingKV":
+    """The block widened to `width` slots; the new slots are not written."""
+    extra = width - self.valid.shape[1]
+    if extra <= 0:
+      return self
+    grow = lambda x: jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0)))
+    return PendingKV(tuple(map(grow, self.k)), tuple(map(grow, self.v)), self.start,
+                     jnp.pad(self.valid, ((0, 0), (0, extra))))
+
+  def masked(self, keep: Array) -> "PendingKV":
+    """Only slots with `keep` `[B, W]` (or rows with `keep` `[B]`) stay valid."""
+    keep = keep if keep.ndim == 2 else keep[:, None]
+    return dataclasses.replace(self, valid=self.valid & keep)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
 class KVCache:
   """Attributes:
     k: per cached layer, `[B, K, H, S]` (keys transposed: slots minor).
@@ -99,6 +135,13 @@ class KVCache:
     ks[slot] = ks[slot].at[rows, :, :, pos].set(k_new.astype(ks[slot].dtype), mode="drop")
     vs[slot] = vs[slot].at[rows, :, pos].set(v_new.astype(vs[slot].dtype), mode="drop")
     return KVCache(tuple(ks), tuple(vs), self.lengths)
+
+  def write_pending(self, pending: PendingKV) -> "KVCache":
+    """Writes a deferred block (`PendingKV`) into every entry (lengths unchanged)."""
+    cache = self
+    for i, (k, v) in enumerate(zip(pending.k, pending.v)):
+      cache = cache.write(i, k, v, pending.start, pending.valid)
+    return cache
 
   def segment(self, slot: int, *, span: int | None = None, causal: bool = True,
               window: int | None = None, visible_lengths: Array | None = None):

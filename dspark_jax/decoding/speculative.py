@@ -52,19 +52,24 @@ def verify(target_model, cache: KVCache, anchor: Array, drafts: Array, taps=(),
            write_mask: Array | None = None):
   """One dense target call over `[anchor, drafts]` at each row's own offset.
 
+  The cache is only read; the new K/V come back to be written by the caller
+  (`cache.write_pending`), so this can run inside a device-side branch without XLA copying
+  the cache (see `PendingKV`).
+
   Args:
     cache: target cache; lengths[b] = position of row b's anchor.
     anchor: int32 `[B]`.
     drafts: int32 `[B, P]`.
-    write_mask: bool `[B]` rows whose K/V are written (finished rows are not).
+    write_mask: bool `[B]` rows whose K/V are to be written (finished rows are not).
 
   Returns:
-    (logits float32 `[B, P+1, V]`, taps `[B, P+1, C]` or None, cache with K/V written).
+    (logits float32 `[B, P+1, V]`, taps `[B, P+1, C]` or None, `PendingKV` of width P+1).
   """
   tokens = jnp.concatenate([anchor[:, None], drafts], axis=1)
   positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-  out = target_model(tokens, positions, cache=cache, taps=taps, write_mask=write_mask)
-  return out.logits, out.taps, out.cache
+  out = target_model(tokens, positions, cache=cache, taps=taps, write_mask=write_mask,
+                     defer_writes=True)
+  return out.logits, out.taps, out.pending
 
 
 def verify_packed(target_model, cache: KVCache, anchor: Array, drafts: Array, verify_len: Array,
@@ -77,7 +82,8 @@ def verify_packed(target_model, cache: KVCache, anchor: Array, drafts: Array, ve
   decode step for rounds that verify no draft.
 
   Returns:
-    as `verify`: dense `[B, P+1, ...]` logits and taps; slots beyond `l` hold zeros.
+    as `verify`: dense `[B, P+1, ...]` logits and taps (slots beyond `l` hold zeros) and the
+    `PendingKV` of the verified slots.
   """
   tokens = jnp.concatenate([anchor[:, None], drafts], axis=1)
   b, w = tokens.shape
@@ -90,18 +96,18 @@ def verify_packed(target_model, cache: KVCache, anchor: Array, drafts: Array, ve
   index = jnp.where(jnp.all(ell == 0), 0, 1 + index)
 
   def plain(cache):
-    logits, tap, cache = verify(target_model, cache, anchor, drafts[:, :0], taps, live)
+    logits, tap, pending = verify(target_model, cache, anchor, drafts[:, :0], taps, live)
     pad = lambda x: None if x is None else jnp.pad(x, ((0, 0), (0, w - 1), (0, 0)))
-    return pad(logits), pad(tap), cache
+    return pad(logits), pad(tap), pending.pad(w)
 
   def run(budget, cache):
     valid = (jnp.arange(w)[None, :] <= verify_len[:, None]) & live[:, None]
     flat, pack = Pack.build(tokens, valid, cache.lengths, budget)
     out = target_model(flat[None], pack.to_flat(pack.positions), cache=cache, taps=taps,
-                       pack=pack)
+                       pack=pack, defer_writes=True)
     logits = pack.to_dense(out.logits)
     tap = None if out.taps is None else pack.to_dense(out.taps)
-    return logits, tap, out.cache
+    return logits, tap, out.pending
 
   branches = [plain] + [functools.partial(run, n) for n in budgets]
   return jax.lax.switch(index, branches, cache)
@@ -225,68 +231,138 @@ def spec_init(tmodel, draft, loop: LoopSpec, batch: Batch, cache: KVCache, draft
       accept_lens=zeros_r, verify_lens=zeros_r, proposed=jnp.zeros((b, max_rounds), bool),
       confidence=jnp.zeros((b, max_rounds, p), jnp.float32),
       stale=jnp.full((b, p), -jnp.inf, jnp.float32), since_probe=jnp.int32(1 << 20),
+      probe_level=jnp.int32(0),
       pos_hits=jnp.zeros((b, p), jnp.int32), pos_tries=jnp.zeros((b, p), jnp.int32))
 
 
 def spec_round(tmodel, draft, loop: LoopSpec, s: SpecState, seed_key, params, scheduler,
                verify_cap: Array) -> SpecState:
-  """One round for every live row."""
+  """One round for every live row: a draft-verify round, or a plain decode step when the
+  scheduler's estimate from past rounds says the draft does not pay.
+
+  The two kinds of round (and the verify budgets inside a draft round) are device-side
+  branches that only read the caches; what they produce (new K/V, the accepted tokens) is
+  written after them, once (see `PendingKV`).
+  """
   runtime, p = loop.runtime, loop.num_draft
   live = ~s.done
+  b = live.shape[0]
   step = s.steps + 1  # step 0 was the prefill sample
   rid = s.rows.request_ids
   k_draft = sampling.row_keys(seed_key, rid, step, sampling.TAG_DRAFT)
   k_acc = sampling.row_keys(seed_key, rid, step, sampling.TAG_ACCEPT)
   k_samp = sampling.row_keys(seed_key, rid, step, sampling.TAG_SAMPLE)
+  taps = runtime.target_taps(draft)
+  # Runtimes that can compute their context update without writing it (`context_pending`)
+  # do so inside the branch, on just the tokens the round verified.
+  deferred = hasattr(runtime, "context_pending")
+  context_pending = lambda t: (runtime.context_pending(draft, t, s.cache.lengths) if deferred
+                               else None)
 
   def propose():
     return runtime.propose(draft, tmodel, s.draft_state, s.anchor, s.cache.lengths, k_draft,
                            params, p)
 
+  def draft_round():
+    prop = propose()
+    ell = schedule(scheduler, prop, s.stale, live, verify_cap)
+    if loop.budgets:
+      t_logits, v_taps, pending = verify_packed(tmodel, s.cache, s.anchor, prop.tokens, ell,
+                                                live, taps, loop.budgets)
+    else:
+      t_logits, v_taps, pending = verify(tmodel, s.cache, s.anchor, prop.tokens, taps, live)
+    n_acc, nxt = loop.accept_fn(t_logits, prop, ell, k_acc, k_samp, params)
+    conf = (prop.confidence if prop.confidence is not None
+            else jnp.zeros(prop.tokens.shape, jnp.float32))
+    return Outcome(pending, v_taps, prop.tokens, n_acc, nxt, ell, conf,
+                   context_pending(v_taps))
+
   shapes = jax.eval_shape(propose)
   if scheduler is None or shapes.confidence is None:  # nothing to judge a skip by
-    do_propose = jnp.asarray(True)
-    prop = propose()
-  else:
-    # Decided from past rounds only; a skipped round verifies just the anchor (l = 0).
-    do_propose = scheduler.wants_proposal(s.stale, live, s.since_probe)
-    skip = lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-    prop = jax.lax.cond(do_propose, propose, skip)
-  ell = schedule(scheduler, prop, s.stale, live, verify_cap)
-  ell = jnp.where(do_propose, ell, 0)
-  taps = runtime.target_taps(draft)
-  if loop.budgets:
-    t_logits, v_taps, cache = verify_packed(tmodel, s.cache, s.anchor, prop.tokens, ell, live,
-                                            taps, loop.budgets)
-  else:
-    t_logits, v_taps, cache = verify(tmodel, s.cache, s.anchor, prop.tokens, taps, live)
-  n_acc, nxt = loop.accept_fn(t_logits, prop, ell, k_acc, k_samp, params)
-  tokens, n_commit, hit_stop = commit_lib.round_tokens(prop.tokens, n_acc, nxt,
+    return _finish(runtime, draft, tmodel, s, draft_round(), jnp.asarray(True), s.probe_level)
+
+  def plain_round():
+    # Exactly what a round verifying l = 0 drafts computes (the bonus token from p_0),
+    # without the block's width: one target token per row.
+    logits, v_taps, pending = verify(tmodel, s.cache, s.anchor, jnp.zeros((b, 0), jnp.int32),
+                                     taps, live)
+    if params.greedy:
+      nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+    else:
+      nxt = sampling.sample_from_probs(k_samp, sampling.probabilities(logits, params)[:, 0])
+    zeros = jnp.zeros((b,), jnp.int32)
+    ctx = context_pending(v_taps)
+    v_taps = None if v_taps is None else jnp.pad(v_taps, ((0, 0), (0, p), (0, 0)))
+    return Outcome(pending.pad(p + 1), v_taps, jnp.zeros((b, p), jnp.int32), zeros, nxt, zeros,
+                   jnp.zeros(shapes.confidence.shape, jnp.float32),
+                   None if ctx is None else ctx.pad(p + 1))
+
+  # Decided from past rounds only (the stale block), so it never looks at this round.
+  do_propose, level = scheduler.wants_proposal(s.stale, live, s.since_probe, s.probe_level)
+  outcome = jax.lax.cond(do_propose, draft_round, plain_round)
+  return _finish(runtime, draft, tmodel, s, outcome, do_propose, level)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Outcome:
+  """What a round's verify + accept produced, before anything is written.
+
+  Attributes:
+    pending: the verified block's target K/V (`PendingKV`, width P+1).
+    taps: `[B, P+1, C]` tapped target features of the block (zeros where not verified).
+    drafts: int32 `[B, P]` proposed tokens (zeros in a plain step).
+    n_acc: int32 `[B]` accepted drafts; nxt: int32 `[B]` the token sampled after them.
+    ell: int32 `[B]` drafts verified; conf: float32 `[B, P]` raw confidence logits.
+    context: the draft's context update (`PendingKV`, width P+1) for runtimes with
+      `context_pending`, else None (their `commit` runs on `taps` after the branch).
+  """
+
+  pending: Any
+  taps: Array | None
+  drafts: Array
+  n_acc: Array
+  nxt: Array
+  ell: Array
+  conf: Array
+  context: Any = None
+
+
+def _finish(runtime, draft, tmodel, s: SpecState, o: Outcome, proposed: Array,
+            probe_level: Array) -> SpecState:
+  """Commit and record: the block's K/V written, `n_acc + 1` tokens committed, the draft's
+  context advanced, the round recorded."""
+  live = ~s.done
+  p = s.stale.shape[1]
+  tokens, n_commit, hit_stop = commit_lib.round_tokens(o.drafts, o.n_acc, o.nxt,
                                                        s.rows.stop_tokens)
   out, num_out, done, _ = commit_lib.advance(s.out, s.num_out, s.done, tokens, n_commit,
                                              hit_stop, s.rows.max_new)
-  new_len = s.cache.lengths + jnp.where(live, n_acc + 1, 0)
-  verify_tokens = jnp.concatenate([s.anchor[:, None], prop.tokens], axis=1)
-  dstate = runtime.commit(draft, tmodel, s.draft_state, v_taps, verify_tokens, n_acc, nxt,
-                          s.cache.lengths, new_len)
+  new_len = s.cache.lengths + jnp.where(live, o.n_acc + 1, 0)
+  cache = s.cache.write_pending(o.pending.masked(live)).commit(new_len)
+  verify_tokens = jnp.concatenate([s.anchor[:, None], o.drafts], axis=1)
+  if o.context is not None:
+    dstate = runtime.commit_pending(s.draft_state, o.context.masked(live), new_len)
+  else:
+    dstate = runtime.commit(draft, tmodel, s.draft_state, o.taps, verify_tokens, o.n_acc,
+                            o.nxt, s.cache.lengths, new_len)
   slot = jnp.arange(p)[None, :]
-  hits = live[:, None] & (slot < n_acc[:, None])
-  tries = live[:, None] & (slot <= n_acc[:, None]) & (slot < ell[:, None])
+  hits = live[:, None] & (slot < o.n_acc[:, None])
+  tries = live[:, None] & (slot <= o.n_acc[:, None]) & (slot < o.ell[:, None])
   rows = jnp.arange(live.shape[0])
   r = jnp.where(live, s.steps, s.accept_lens.shape[1])  # finished rows record nothing
-  conf = (prop.confidence if prop.confidence is not None
-          else jnp.zeros(prop.tokens.shape, jnp.float32))
-  fresh = live & do_propose
+  fresh = live & proposed
   return SpecState(
-      cache=cache.commit(new_len), draft_state=dstate, rows=s.rows,
-      anchor=jnp.where(live, nxt, s.anchor), out=out, num_out=num_out, done=done,
+      cache=cache, draft_state=dstate, rows=s.rows,
+      anchor=jnp.where(live, o.nxt, s.anchor), out=out, num_out=num_out, done=done,
       steps=s.steps + live,
       accept_lens=s.accept_lens.at[rows, r].set(n_commit, mode="drop"),
-      verify_lens=s.verify_lens.at[rows, r].set(ell, mode="drop"),
-      proposed=s.proposed.at[rows, r].set(do_propose, mode="drop"),
-      confidence=s.confidence.at[rows, r].set(conf, mode="drop"),
-      stale=jnp.where(fresh[:, None], conf, s.stale),
-      since_probe=jnp.where(do_propose, 0, s.since_probe + 1),
+      verify_lens=s.verify_lens.at[rows, r].set(o.ell, mode="drop"),
+      proposed=s.proposed.at[rows, r].set(jnp.broadcast_to(proposed, live.shape), mode="drop"),
+      confidence=s.confidence.at[rows, r].set(o.conf, mode="drop"),
+      stale=jnp.where(fresh[:, None], o.conf, s.stale),
+      since_probe=jnp.where(proposed, 0, s.since_probe + 1).astype(jnp.int32),
+      probe_level=probe_level,
       pos_hits=s.pos_hits + hits, pos_tries=s.pos_tries + tries)
 
 

@@ -112,6 +112,8 @@ class SpecState:
     stale: float32 `[B, P]` raw confidence logits of the row's latest proposed block
       (-inf before the first): what the scheduler may use without looking at this round.
     since_probe: int32 scalar, rounds since the last proposing round.
+    probe_level: int32 scalar, forced probes in a row that found the draft not paying (the
+      scheduler waits `probe_every * 2**probe_level` rounds before the next one).
     pos_hits / pos_tries: int32 `[B, P]` accepted / verified counts per draft position,
       where a position counts as tried only if every earlier position was accepted.
   """
@@ -130,6 +132,7 @@ class SpecState:
   confidence: Array
   stale: Array
   since_probe: Array
+  probe_level: Array
   pos_hits: Array
   pos_tries: Array
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax.decoding import sampling
-from dspark_jax.decoding.cache import KVCache
+from dspark_jax.decoding.cache import KVCache, PendingKV
 from dspark_jax.decoding.state import Proposal
 from dspark_jax.drafts import parallel
 from dspark_jax.typing import Array
@@ -165,6 +165,20 @@ class ParallelRuntime:
              next_token: Array, old_len: Array, new_len: Array) -> KVCache:
     # Features of all P+1 verified positions are written; only the accepted prefix
     # (anchor + n_acc drafts) becomes visible through the new length.
-    positions = old_len[:, None] + jnp.arange(verify_taps.shape[1], dtype=jnp.int32)[None, :]
-    ctx = parallel.ingest(draft, ctx, verify_taps, positions)
-    return ctx.commit(new_len)
+    return ParallelRuntime.commit_pending(
+        ctx, ParallelRuntime.context_pending(draft, verify_taps, old_len), new_len)
+
+  @staticmethod
+  def context_pending(draft, verify_taps: Array, old_len: Array) -> PendingKV:
+    """Context K/V of the verified positions `[B, W, C]` from `old_len` `[B]`, computed
+    without touching the cache (so inside a device-side branch; see `PendingKV`)."""
+    b, w = verify_taps.shape[:2]
+    positions = old_len[:, None] + jnp.arange(w, dtype=jnp.int32)[None, :]
+    kvs = draft.context_kv(draft.context_hidden(verify_taps), positions)
+    return PendingKV(tuple(k for k, _ in kvs), tuple(v for _, v in kvs), old_len,
+                     jnp.ones((b, w), bool))
+
+  @staticmethod
+  def commit_pending(ctx: KVCache, pending: PendingKV, new_len: Array) -> KVCache:
+    """`commit` from precomputed `context_pending`."""
+    return ctx.write_pending(pending).commit(new_len)

@@ -78,11 +78,11 @@ def _verify_loop(tgraph, tparams, cache, anchor, drafts, verify_len, *, taps, ro
     c, acc = carry
     a = (anchor + acc) % 7
     if budget is None:
-      logits, _, c = speculative.verify(tmodel, c, a, drafts, taps)
+      logits, _, pending = speculative.verify(tmodel, c, a, drafts, taps)
     else:
-      logits, _, c = speculative.verify_packed(tmodel, c, a, drafts, verify_len, live, taps,
-                                               (budget,))
-    return c.commit(cache.lengths), acc + logits[:, 0].argmax(-1).astype(acc.dtype)
+      logits, _, pending = speculative.verify_packed(tmodel, c, a, drafts, verify_len, live,
+                                                     taps, (budget,))
+    return c.write_pending(pending).commit(cache.lengths), acc + logits[:, 0].argmax(-1).astype(acc.dtype)
 
   return jax.lax.fori_loop(0, rounds, body, (cache, anchor * 0))[1]
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.config import ModelConfig
-from dspark_jax.decoding.cache import KVCache
+from dspark_jax.decoding.cache import KVCache, PendingKV
 from dspark_jax.decoding.state import Pack
 from dspark_jax.models import layers
 from dspark_jax.models import rope as rope_lib
@@ -163,13 +163,16 @@ class ForwardOutput:
     logits: float32 `[B, T, V]` or None.
     hidden: final-normed hidden `[B, T, D]`.
     taps: raw outputs of the requested layers concatenated, `[B, T, C]`, or None.
-    cache: the cache with the new K/V written (lengths unchanged), or None.
+    cache: the cache with the new K/V written (lengths unchanged), or None; with
+      `defer_writes`, the input cache unchanged.
+    pending: with `defer_writes`, the new K/V to write (`PendingKV`), else None.
   """
 
   logits: Array | None
   hidden: Array
   taps: Array | None
   cache: KVCache | None
+  pending: PendingKV | None = None
 
 
 class TextModel(nnx.Module):
@@ -238,7 +241,8 @@ class CausalLM(nnx.Module):
   def __call__(self, tokens: Array, positions: Array | None = None, *,
                cache: KVCache | None = None, attend_len: int | None = None,
                write_mask: Array | None = None, taps: Sequence[int] = (),
-               compute_logits: bool = True, pack: Pack | None = None) -> ForwardOutput:
+               compute_logits: bool = True, pack: Pack | None = None,
+               defer_writes: bool = False) -> ForwardOutput:
     """Runs the decoder.
 
     Args:
@@ -256,6 +260,10 @@ class CausalLM(nnx.Module):
       pack: packed verify (needs `cache`): `tokens`/`positions` are the flat `[1, N]` batch
         and `pack` says where each token sits in the rows' dense `[B, W]` blocks; outputs
         stay flat.
+      defer_writes: (with a cache) read the cache only: the new tokens attend to the
+        committed slots (`< cache.lengths`) plus their own K/V as a second key segment,
+        and the K/V come back as `ForwardOutput.pending` for the caller to write, outside
+        any device-side branch (see `PendingKV`).
 
     Returns:
       ForwardOutput.
@@ -279,6 +287,12 @@ class CausalLM(nnx.Module):
     extent = None
     if cache is not None and attend_len is None:
       extent = jnp.max(pack.positions if pack is not None else positions) + 1
+    if defer_writes and cache is None:
+      raise ValueError("defer_writes needs a cache")
+    pending_k, pending_v = {}, {}
+    # Dense block layout of the new tokens (packed: the rows' [B, W] blocks).
+    q_pos = pack.positions if pack is not None else positions
+    own_len = jnp.sum(pack.valid, axis=1) if pack is not None else None
 
     for i, layer in enumerate(self.model.layers):
       rope = cfg.rope_for(i)
@@ -291,24 +305,31 @@ class CausalLM(nnx.Module):
 
       def attn_fn(att, q, k_new, v_new, i=i, src=src, window=window):
         if k_new is None:  # KV-shared layer: reuse the source layer's keys/values.
-          seg = dataclasses.replace(segment_of_layer[src], window=window)
+          segs = tuple(dataclasses.replace(g, window=window) for g in segment_of_layer[src])
         elif cache is None:  # full sequence: keys are the T tokens themselves
-          seg = attn_kernels.KV(k_new.transpose(0, 2, 3, 1), v_new.transpose(0, 2, 1, 3),
-                                positions=positions, window=window)
-        elif pack is not None:
-          c = carry["cache"].write(slot_of[i], pack.to_dense(k_new), pack.to_dense(v_new),
-                                   pack.start, pack.valid)
-          carry["cache"] = c
-          seg = c.segment(slot_of[i], span=attend_len, window=window)
+          segs = (attn_kernels.KV(k_new.transpose(0, 2, 3, 1), v_new.transpose(0, 2, 1, 3),
+                                  positions=positions, window=window),)
         else:
-          c = carry["cache"].write(slot_of[i], k_new, v_new, start, write_mask)
-          carry["cache"] = c
-          seg = c.segment(slot_of[i], span=attend_len, window=window)
-        segment_of_layer[i] = seg
+          kd, vd = ((pack.to_dense(k_new), pack.to_dense(v_new)) if pack is not None
+                    else (k_new, v_new))
+          if defer_writes:
+            pending_k[slot_of[i]], pending_v[slot_of[i]] = kd, vd
+            past = cache.segment(slot_of[i], span=attend_len, window=window,
+                                 visible_lengths=cache.lengths)
+            own = attn_kernels.KV(kd.transpose(0, 2, 3, 1), vd.transpose(0, 2, 1, 3),
+                                  positions=q_pos, lengths=own_len, window=window)
+            segs = (past, own)
+          else:
+            c = carry["cache"]
+            c = (c.write(slot_of[i], kd, vd, pack.start, pack.valid) if pack is not None
+                 else c.write(slot_of[i], kd, vd, start, write_mask))
+            carry["cache"] = c
+            segs = (c.segment(slot_of[i], span=attend_len, window=window),)
+        segment_of_layer[i] = segs
         if pack is not None:
-          out = att.attend(pack.to_dense(q), seg, q_positions=pack.positions, extent=extent)
+          out = att.attend(pack.to_dense(q), *segs, q_positions=pack.positions, extent=extent)
           return pack.to_flat(out)
-        return att.attend(q, seg, q_positions=positions, extent=extent)
+        return att.attend(q, *segs, q_positions=positions, extent=extent)
 
       x = layer(x, cos, sin, attn_fn, ple[:, :, i] if ple is not None else None)
       if i in taps:
@@ -317,7 +338,19 @@ class CausalLM(nnx.Module):
     hidden = self.model.norm(x)
     logits = self.logits_from_hidden(hidden) if compute_logits else None
     tap_arr = jnp.concatenate([tap_out[i] for i in taps], axis=-1) if taps else None
-    return ForwardOutput(logits=logits, hidden=hidden, taps=tap_arr, cache=carry["cache"])
+    pending = None
+    if defer_writes:
+      n = len(cfg.cache_layers)
+      if pack is not None:
+        where, valid = pack.start, pack.valid
+      else:
+        where = start
+        valid = jnp.ones((b, t), bool) if write_mask is None else jnp.broadcast_to(
+            write_mask[:, None], (b, t))
+      pending = PendingKV(tuple(pending_k[j] for j in range(n)),
+                          tuple(pending_v[j] for j in range(n)), where, valid)
+    return ForwardOutput(logits=logits, hidden=hidden, taps=tap_arr, cache=carry["cache"],
+                         pending=pending)
 
 
 def abstract_model(cfg: ModelConfig, dtype=jnp.float32) -> CausalLM:

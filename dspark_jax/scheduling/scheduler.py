@@ -304,9 +304,12 @@ class Scheduler:
       confidence (DeepSpec's rule exactly when `temperatures` is None).
     propose_cost: seconds per propose call; with `sps`, rounds whose stale estimate says no
       verify length pays for the draft run a plain decode step instead (`propose_pays`),
-      and every `probe_every`-th round proposes anyway to refresh the estimate. None: always
-      propose.
+      and a forced probe proposes anyway to refresh the estimate: `probe_every` rounds after
+      the last proposal, doubling after every probe that finds the draft still not paying
+      (up to `probe_every * 2**max_probe_level`), back to `probe_every` once it pays. None:
+      always propose.
     probe_every: static; see `propose_cost`.
+    max_probe_level: static; see `propose_cost`.
   """
 
   policy: str = dataclasses.field(metadata=dict(static=True), default="early_stop")
@@ -315,6 +318,7 @@ class Scheduler:
   threshold: Array | None = None
   propose_cost: Array | None = None
   probe_every: int = dataclasses.field(metadata=dict(static=True), default=8)
+  max_probe_level: int = dataclasses.field(metadata=dict(static=True), default=3)
 
   def __post_init__(self):
     for name in ("sps", "temperatures", "threshold", "propose_cost"):
@@ -324,17 +328,37 @@ class Scheduler:
     temps = _concrete(self.temperatures)
     if temps is not None and not np.all(temps > 0):
       raise ValueError(f"temperatures must all be > 0, got {temps.tolist()}")
+    if self.probe_every < 1 or self.max_probe_level < 0:
+      raise ValueError(f"need probe_every >= 1 and max_probe_level >= 0, got "
+                       f"{self.probe_every} and {self.max_probe_level}")
 
   def calibrate(self, logits: Array) -> Array:
     """`[R, P]` raw logits -> `[R, P]` conditional confidences `sigmoid(z / T)`."""
     return calibrate_confidence(logits, self.temperatures)
 
-  def wants_proposal(self, stale_logits: Array, live: Array, since_probe: Array) -> Array:
-    """bool scalar: propose this round (always without `propose_cost` / `sps`)."""
+  def wants_proposal(self, stale_logits: Array, live: Array, since_probe: Array,
+                     probe_level: Array) -> tuple[Array, Array]:
+    """Whether to propose this round, from past rounds only.
+
+    Args:
+      stale_logits: `[R, P]` raw confidence logits of each row's latest proposed block.
+      live: bool `[R]`.
+      since_probe: int32 scalar, rounds since the last proposing round.
+      probe_level: int32 scalar, forced probes in a row that found the draft not paying.
+
+    Returns:
+      (propose bool scalar, the next round's probe_level int32 scalar). Always True
+      without `propose_cost` / `sps`.
+    """
     if self.propose_cost is None or self.sps is None:
-      return jnp.asarray(True)
+      return jnp.asarray(True), jnp.zeros((), jnp.int32)
     pays = propose_pays(self.calibrate(stale_logits), self.sps, self.propose_cost, live=live)
-    return pays | (since_probe >= self.probe_every)
+    gap = self.probe_every * jnp.left_shift(1, probe_level)
+    probe = ~pays & (since_probe >= gap)
+    level = jnp.where(pays, 0, jnp.where(probe, jnp.minimum(probe_level + 1,
+                                                             self.max_probe_level),
+                                         probe_level))
+    return pays | probe, level.astype(jnp.int32)
 
   def __call__(self, confidence_logits: Array, *, stale: Array | None = None,
                max_tokens: Any = None, live: Array | None = None) -> Array:

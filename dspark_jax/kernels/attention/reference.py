@@ -30,6 +30,9 @@ Array = jax.Array
 # dwarfs it to an exact 0 weight.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
+# Key segments of at most this many keys are computed as broadcast sums instead of dots.
+SMALL_SEGMENT = 16
+
 
 @dataclasses.dataclass(frozen=True)
 class KV:
@@ -68,17 +71,21 @@ def _softcap(x: Array, cap: float | None) -> Array:
   return x if cap is None else jnp.tanh(x / cap) * cap
 
 
-def _partial(logits: Array, visible: Array, v: Array, eqn: str, view=None):
+def _partial(logits: Array, visible: Array, v: Array, eqn: str, view=None, small=False):
   """(max, sum exp, unnormalised output) of one segment; reduces the last logits axis.
 
-  `view`: the shape in which `visible` broadcasts against `logits` (a free reshape)."""
+  `view`: the shape in which `visible` broadcasts against `logits` (a free reshape).
+  `small`: the `BKMS,BKSH->BKMH` product as a broadcast sum (few keys)."""
   if view is not None:
     logits = jnp.where(visible, logits.reshape(view), MASK_VALUE).reshape(logits.shape)
   else:
     logits = jnp.where(visible, logits, MASK_VALUE)
   m = jnp.max(logits, axis=-1)
   p = jnp.exp(logits - m[..., None])
-  o = jnp.einsum(eqn, p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  if small:
+    o = jnp.sum(p[..., None] * v[:, :, None].astype(jnp.float32), axis=3)
+  else:
+    o = jnp.einsum(eqn, p.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return m, jnp.sum(p, axis=-1), o
 
 
@@ -89,8 +96,14 @@ def _kv_partial(qg: Array, seg: KV, q_positions: Array, scale: float, softcap):
   # Queries and heads of a group folded into one row axis M = T * G: a dot with a single
   # free axis per side. The 5-D einsum ran 1.5-2.5x slower on XLA-CPU (a decode step is
   # bound by reading the cache, and this reads it once per kv head at full speed).
-  logits = jnp.einsum("BKMH,BKHS->BKMS", qg.reshape(b, kh, t * g, h), seg.k,
-                      preferred_element_type=jnp.float32).reshape(b, kh, t, g, s)
+  if s <= SMALL_SEGMENT:
+    # A few keys (a verify block's own K/V): broadcast products fuse into one elementwise
+    # loop, where a dot per layer would cost more in call overhead than in arithmetic.
+    logits = jnp.sum(qg.reshape(b, kh, t * g, h, 1).astype(jnp.float32)
+                     * seg.k[:, :, None].astype(jnp.float32), axis=3).reshape(b, kh, t, g, s)
+  else:
+    logits = jnp.einsum("BKMH,BKHS->BKMS", qg.reshape(b, kh, t * g, h), seg.k,
+                        preferred_element_type=jnp.float32).reshape(b, kh, t, g, s)
   logits = _softcap(logits * scale, softcap)
   slot = jnp.arange(s, dtype=jnp.int32)
   visible = jnp.ones((b, t, s), bool)
@@ -105,7 +118,7 @@ def _kv_partial(qg: Array, seg: KV, q_positions: Array, scale: float, softcap):
     if seg.window is not None:
       visible &= (qpos - kpos) < seg.window
   m, l, o = _partial(logits.reshape(b, kh, t * g, s), visible[:, None, :, None, :], seg.v,
-                     "BKMS,BKSH->BKMH", view=(b, kh, t, g, s))
+                     "BKMS,BKSH->BKMH", view=(b, kh, t, g, s), small=s <= SMALL_SEGMENT)
   return m.reshape(b, kh, t, g), l.reshape(b, kh, t, g), o.reshape(b, kh, t, g, -1)
 
 
