@@ -340,10 +340,10 @@ def _finish(runtime, draft, tmodel, s: SpecState, o: Outcome, proposed: Array,
                                              hit_stop, s.rows.max_new)
   new_len = s.cache.lengths + jnp.where(live, o.n_acc + 1, 0)
   cache = s.cache.write_pending(o.pending.masked(live)).commit(new_len)
-  verify_tokens = jnp.concatenate([s.anchor[:, None], o.drafts], axis=1)
   if o.context is not None:
     dstate = runtime.commit_pending(s.draft_state, o.context.masked(live), new_len)
   else:
+    verify_tokens = jnp.concatenate([s.anchor[:, None], o.drafts], axis=1)
     dstate = runtime.commit(draft, tmodel, s.draft_state, o.taps, verify_tokens, o.n_acc,
                             o.nxt, s.cache.lengths, new_len)
   slot = jnp.arange(p)[None, :]
