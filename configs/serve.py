@@ -27,6 +27,9 @@ def get_config():
   # Verify-length policy: auto (early_stop with the cached SPS profile and the draft's
   # sts.json when it has a confidence head, else fixed) | fixed | early_stop | global | async
   c.scheduler = "auto"
+  # Token-tree verification (DSpark/DFlash drafts): children per depth, e.g. "2,2,1,1,1";
+  # "" = chain. With a tree every node is verified, so the scheduler is not used.
+  c.tree = ""
   c.warmup = True  # batch: compile on a short first request so tokens/s is steady-state
   c.host = "127.0.0.1"  # server
   c.port = 8000  # server

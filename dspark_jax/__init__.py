@@ -4,7 +4,8 @@ Public API (stable names):
 
   load_target(path_or_id, *, dtype="float32", mesh=None) -> Target
   generate(target, prompts, *, draft=None, max_new_tokens, temperature=0.0, top_k=0,
-           top_p=1.0, seed=0, stop_tokens=None, ...) -> GenerationResult
+           top_p=1.0, seed=0, stop_tokens=None, tree=None, ...) -> GenerationResult
+  TreeShape(branching)   a static token tree for `generate(..., tree=...)` (e.g. "2,2,1")
   load_draft(path, target) / save_draft(draft, path)
   propose_block(target, draft, prefix_token_ids, *, temperature=0.0, seed=0)
   Scheduler(policy=..., sps=None, temperatures=None, threshold=None)   verify-length policy
@@ -27,6 +28,7 @@ from dspark_jax.checkpoints.hf import CheckpointMismatchError
 from dspark_jax.drafts.api import Draft, init_draft, propose_block
 from dspark_jax.drafts.checkpoint import load_draft, save_draft
 from dspark_jax.drafts.config import DraftConfig, DraftConfigError
+from dspark_jax.kernels.tree_accept import TreeShape
 
 # ---- scheduling, calibration, engine ----------------------------------------------------------
 from dspark_jax.scheduling import (Scheduler, calibration_report, fit_sts, propose_pays,

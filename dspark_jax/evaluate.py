@@ -50,6 +50,9 @@ flags.DEFINE_string("out", os.path.join("runs", "eval", "eval.json"),
                     "results JSON (plus <out>_acceptance.png), relative to the repository root",
                     flag_values=FLAGS)
 flags.DEFINE_bool("overwrite", False, "replace existing output files", flag_values=FLAGS)
+flags.DEFINE_string("tree", "", "also evaluate every block draft (DSpark/DFlash) with token-tree "
+                    "verification of this shape: children per depth, e.g. 2,2,1,1,1,1,1 "
+                    "(reported as <name>+tree)", flag_values=FLAGS)
 
 
 def load_domain_prompts(path: str, tokenizer, n: int, max_tokens: int,
@@ -139,6 +142,13 @@ def main(argv=None) -> dict:
   from tqdm.auto import tqdm
   target = dj.load_target(args.target)
   drafts = {name: dj.load_draft(path, target) for name, path in parse_drafts(args.drafts).items()}
+  # (draft, generate kwargs) per reported name: the chain, and with --tree the tree too.
+  variants = {name: (d, {}) for name, d in drafts.items()}
+  if args.tree:
+    shape = dj.TreeShape.parse(args.tree)
+    for name, d in drafts.items():
+      if hasattr(d.runtime, "propose_tree"):
+        variants[f"{name}+tree"] = (d, {"tree": shape})
   prompts = {os.path.basename(f)[:-len(".jsonl")]: load_domain_prompts(
       f, target.tokenizer, args.num_prompts, args.max_prompt_tokens, args.shuffle_seed)
       for f in files}
@@ -153,16 +163,16 @@ def main(argv=None) -> dict:
   # Warm-up: compile every bucket once so tokens/s below excludes compilation.
   first = next(iter(prompts.values()))
   dj.generate(target, first, **kw)
-  for d in drafts.values():
-    dj.generate(target, first, draft=d, scheduler="fixed", **kw)
-  bar = tqdm(total=len(prompts) * (1 + len(drafts)), desc="evaluate", unit="run")
+  for d, extra in variants.values():
+    dj.generate(target, first, draft=d, scheduler="fixed", **extra, **kw)
+  bar = tqdm(total=len(prompts) * (1 + len(variants)), desc="evaluate", unit="run")
   ar_tokens = {}
   for dom, ps in prompts.items():
     res = dj.generate(target, ps, **kw)
     ar_tokens[dom] = res.tokens
     results["ar"][dom] = {"tokens_per_s": res.stats.tokens_per_second}
     bar.update(1)
-  for name, draft in drafts.items():
+  for name, (draft, extra) in variants.items():
     per = {}
     hits = np.zeros(draft.config.block_size)
     tries = np.zeros(draft.config.block_size)
@@ -170,7 +180,7 @@ def main(argv=None) -> dict:
     all_rounds = []
     for dom, ps in prompts.items():
       # Table 1 protocol: the confidence scheduler is off, every round verifies all P drafts.
-      res = dj.generate(target, ps, draft=draft, scheduler="fixed", **kw)
+      res = dj.generate(target, ps, draft=draft, scheduler="fixed", **extra, **kw)
       st = res.stats
       all_rounds += [a for row in st.accept_lengths for a in row]
       hits += st.position_hits
@@ -185,6 +195,7 @@ def main(argv=None) -> dict:
       bar.update(1)
     results["drafts"][name] = {
         "path": draft.path, "config": repr(draft), "per_domain": per,
+        "tree": list(extra["tree"].branching) if "tree" in extra else None,
         "mean_tau": float(np.mean(all_rounds)),
         "mean_tau_over_sets": float(np.mean([p["tau"] for p in per.values()])),
         "accept_histogram": [int(x) for x in hist],

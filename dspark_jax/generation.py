@@ -152,7 +152,10 @@ class SpecSetup:
 
   @classmethod
   def make(cls, target, draft, num_draft_tokens, verify_lengths, n, acceptance: str = "exact",
-           scheduler=None, batch_size: int = 1) -> "SpecSetup":
+           scheduler=None, batch_size: int = 1, tree=None) -> "SpecSetup":
+    if tree is not None:
+      return cls._make_tree(target, draft, num_draft_tokens, verify_lengths, n, acceptance,
+                            scheduler, tree)
     if acceptance not in speculative.ACCEPT_RULES:
       raise ValueError(f"unknown acceptance rule {acceptance!r}; known: "
                        f"{sorted(speculative.ACCEPT_RULES)}")
@@ -174,6 +177,32 @@ class SpecSetup:
                                 accept_fn=speculative.ACCEPT_RULES[acceptance])
     return cls(block=p, verify_lengths=ver, loop=loop, scheduler=sched)
 
+  @classmethod
+  def _make_tree(cls, target, draft, num_draft_tokens, verify_lengths, n, acceptance, scheduler,
+                 tree) -> "SpecSetup":
+    shape = speculative.TreeShape.parse(tree)
+    if not hasattr(draft.runtime, "propose_tree"):
+      raise ValueError(f"tree verification needs a block draft (DSpark or DFlash); this draft "
+                       f"is {draft.algorithm!r}")
+    if acceptance not in speculative.TREE_ACCEPT_RULES:
+      raise ValueError(f"unknown tree acceptance rule {acceptance!r}; known: "
+                       f"{sorted(speculative.TREE_ACCEPT_RULES)}")
+    p = shape.num_draft
+    if num_draft_tokens is not None and int(num_draft_tokens) != p:
+      raise ValueError(f"num_draft_tokens={num_draft_tokens} but tree {tree!r} has depth {p}")
+    if verify_lengths is not None:
+      raise ValueError("verify_lengths does not apply to tree verification (every node is "
+                       "verified)")
+    policy = getattr(scheduler, "policy", scheduler)
+    if policy not in (None, "auto", "fixed"):
+      raise ValueError(f"tree verification verifies the whole tree; scheduler {policy!r} "
+                       "applies to chains only (use scheduler=None)")
+    draft.config.check_target(target.config)
+    draft.config.check_block(p)
+    loop = speculative.LoopSpec(runtime=draft.runtime, num_draft=p,
+                                accept_fn=speculative.TREE_ACCEPT_RULES[acceptance], tree=shape)
+    return cls(block=p, verify_lengths=[p] * n, loop=loop)
+
   @property
   def extra_capacity(self) -> int:
     return self.block + 1  # verify writes up to P+1 slots past the committed length
@@ -184,7 +213,7 @@ def generate(target, prompts: Sequence, *, draft=None, max_new_tokens: int | Seq
              stop_tokens=None, batch_size: int | None = None,
              request_ids: Sequence[int] | None = None, max_cache_len: int | None = None,
              num_draft_tokens: int | None = None, verify_lengths=None,
-             acceptance: str = "exact", scheduler=None, progress: bool = False,
+             acceptance: str = "exact", scheduler=None, tree=None, progress: bool = False,
              time_split: bool = False) -> GenerationResult:
   """Generates continuations for a list of prompts.
 
@@ -210,6 +239,10 @@ def generate(target, prompts: Sequence, *, draft=None, max_new_tokens: int | Seq
       profile and the draft's `sts.json`), or None/"auto": "early_stop" when the draft
       has a confidence head and an SPS profile of this target, device and batch bucket is
       cached (`python -m dspark_jax.profile`), else "fixed".
+    tree: (speculative, DSpark/DFlash drafts) verify a token tree instead of a chain:
+      children per node at each depth, e.g. "2,2,1" or (2, 2, 1) (its depth is P). Greedy
+      children are the draft's top-k, sampled ones i.i.d. draws accepted by multi-draft
+      rejection sampling (lossless); every node is verified in one target pass.
     progress: show a progress bar over batches.
     time_split: (speculative) also measure per-call propose / verify times and fill
       `stats.draft_time_s` / `verify_time_s` (costs two extra compilations).
@@ -235,7 +268,7 @@ def generate(target, prompts: Sequence, *, draft=None, max_new_tokens: int | Seq
   spec = None
   if draft is not None:
     spec = SpecSetup.make(target, draft, num_draft_tokens, verify_lengths, n, acceptance,
-                          scheduler, batch_size=bucket(min(bs, n), minimum=1))
+                          scheduler, batch_size=bucket(min(bs, n), minimum=1), tree=tree)
   extra = spec.extra_capacity if spec else 0
   for i, (p, m) in enumerate(zip(ids, max_new)):
     if len(p) + m + extra > limit:

@@ -11,8 +11,11 @@ Per batch size it reports:
     prefill and fixed costs, is subtracted), the measured speedup;
   * T_propose and T_verify (ms per call, timed alone by `engine.profile.round_split`), the
     ideal speedup tau * T_AR / (T_propose + T_verify) and loop efficiency = measured / ideal;
-  * per-op microseconds of each kernel against its XLA reference at this batch's shapes,
-    and the Markov sampler's share of a round (T_markov / (T_propose + T_verify)).
+  * per-op microseconds of each kernel against its XLA reference at this batch's shapes
+    (verify attention of one layer included),
+    and the Markov sampler's share of a round (T_markov / (T_propose + T_verify));
+  * with `--tree`, the loop with token-tree verification of that shape at the same synthetic
+    tau (the first-child path accepted), i.e. what verifying the whole tree costs.
 The speculative loop is timed once per `--kernels` choice (DSPARK_KERNELS).
 
   python scripts/gpu_bench.py                    # the GPU run (writes runs/gpu_bench.json)
@@ -43,7 +46,7 @@ from dspark_jax.demo import tiny  # noqa: E402
 from dspark_jax.drafts import api as draft_api  # noqa: E402
 from dspark_jax.engine import profile  # noqa: E402
 from dspark_jax.kernels import dispatch  # noqa: E402
-from dspark_jax.kernels import markov_sampler, prefix_accept  # noqa: E402
+from dspark_jax.kernels import attention, markov_sampler, prefix_accept, tree_accept  # noqa: E402
 
 
 def qwen3_4b_config() -> ModelConfig:
@@ -85,6 +88,18 @@ def fixed_acceptance(n: int):
   return rule
 
 
+def fixed_tree_acceptance(n: int):
+  """The tree version of `fixed_acceptance`: the first-child path's first n nodes."""
+
+  def rule(target_logits, proposal, keys_accept, keys_sample, params, shape):
+    b = target_logits.shape[0]
+    leaf = jnp.full((b,), shape.offsets[n], jnp.int32)  # depth-n node of the first-child path
+    best = jnp.argmax(target_logits[jnp.arange(b), leaf], axis=-1).astype(jnp.int32)
+    return jnp.full((b,), n, jnp.int32), best, leaf
+
+  return rule
+
+
 def median_s(fn, repeats: int) -> float:
   fn()  # compile / warm up
   times = []
@@ -116,7 +131,8 @@ def _looped(op, calls: int):
   return jax.jit(run)
 
 
-def op_micros(target, draft, b: int, repeats: int, impls, calls: int = 8) -> dict:
+def op_micros(target, draft, b: int, repeats: int, impls, calls: int = 8,
+              tree: tree_accept.TreeShape | None = None, cache_len: int = 512) -> dict:
   """Microseconds per call of each kernel op and its XLA reference at this batch's shapes
   (`calls` calls per timed program)."""
   p, v = draft.config.block_size, target.config.vocab_size
@@ -148,6 +164,37 @@ def op_micros(target, draft, b: int, repeats: int, impls, calls: int = 8) -> dic
       "accept_greedy": (lambda impl: lambda *a: prefix_accept.greedy_accept(
           *a, implementation=impl), (logits, drafts, ell)),
   }
+  # Verify attention of one layer: P+1 queries per row over a cache of `cache_len` slots
+  # (committed up to `cache_len - P - 1`) plus the block's own keys.
+  cfg = target.config
+  kh, hd, nh = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
+  s_len = cache_len
+  q = jax.random.normal(k[2], (b, p + 1, nh, hd), dtype)
+  kc = jax.random.normal(k[3], (b, kh, hd, s_len), dtype)
+  vc = jax.random.normal(k[4], (b, kh, s_len, hd), dtype)
+  kn = jax.random.normal(k[5], (b, kh, hd, p + 1), dtype)
+  vn = jax.random.normal(k[6], (b, kh, p + 1, hd), dtype)
+  lens = jnp.full((b,), s_len - p - 1, jnp.int32)
+  qpos = lens[:, None] + jnp.arange(p + 1, dtype=jnp.int32)[None]
+
+  def verify_attention(qq, kc, vc, kn, vn, impl):
+    past = attention.KV(kc, vc, lengths=lens)
+    own = attention.KV(kn, vn, positions=qpos)
+    return (attention.attention(qq, past, own, q_positions=qpos, scale=hd ** -0.5,
+                                implementation=impl),)
+
+  ops["verify_attention"] = (lambda impl: lambda *a: verify_attention(*a, impl),
+                             (q, kc, vc, kn, vn))
+  if tree is not None:
+    w = tree.width
+    tp = jax.nn.softmax(jax.random.normal(k[2], (b, w, v)), -1)
+    tq = jax.nn.softmax(jax.random.normal(k[3], (b, w, v)), -1)
+    toks = jax.random.randint(k[4], (b, w), 0, v, jnp.int32)
+    tu = jax.random.uniform(k[5], (b, w))
+    ops["tree_accept_sampled"] = (lambda impl: lambda *a: tree_accept.tree_accept(
+        *a, shape=tree, implementation=impl), (tp, tq, toks, tu, g))
+    ops["tree_accept_greedy"] = (lambda impl: lambda *a: tree_accept.greedy_tree_accept(
+        *a, shape=tree, implementation=impl), (jnp.log(tp), toks))
   out = {}
   for name, (make, op_args) in ops.items():
     out[name] = {}
@@ -166,6 +213,8 @@ def main(argv=None) -> dict:
   ap.add_argument("--batches", default="", help="comma-separated batch sizes (default 1,8,64)")
   ap.add_argument("--accept", type=int, default=3, help="drafts accepted per round (tau - 1)")
   ap.add_argument("--kernels", default="xla,pallas", help="DSPARK_KERNELS values for the loop")
+  ap.add_argument("--tree", default="", help="also time token-tree verification of this shape "
+                  "(children per depth, depth = the block; e.g. 2,2,1,1,1,1,1)")
   ap.add_argument("--out", default="", help="JSON output (default runs/gpu_bench[_smoke].json)")
   ap.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
   args = ap.parse_args(argv)
@@ -182,11 +231,17 @@ def main(argv=None) -> dict:
   tau = accept + 1
   rule = f"fixed{accept}"
   speculative.ACCEPT_RULES[rule] = fixed_acceptance(accept)
+  tree = tree_accept.TreeShape.parse(args.tree) if args.tree else None
+  if tree is not None:
+    if tree.num_draft != p:
+      ap.error(f"--tree has depth {tree.num_draft}; the draft's block is {p}")
+    speculative.TREE_ACCEPT_RULES[rule] = fixed_tree_acceptance(accept)
   rng = np.random.default_rng(0)
   results = {"device": str(jax.devices()[0]), "platform": dispatch.platform(),
              "smoke": args.smoke, "block": p, "tau": tau, "markov_rank": draft.config.markov_rank,
              "vocab": target.config.vocab_size, "new_tokens": s["new_tokens"],
-             "prompt_len": s["prompt_len"], "batches": {}}
+             "prompt_len": s["prompt_len"], "tree": list(tree.branching) if tree else None,
+             "batches": {}}
   for b in batches:
     prompts = [rng.integers(1, target.config.vocab_size, s["prompt_len"]).tolist()
                for _ in range(b)]
@@ -211,8 +266,19 @@ def main(argv=None) -> dict:
                                  loop_efficiency=speedup / ideal)
       except Exception as e:
         row["loop"][impl] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+      if tree is None:
+        continue
+      try:
+        t_tree = decode_s_per_token(target, prompts, s["new_tokens"], s["repeats"],
+                                    draft=draft, acceptance=rule, tree=tree)
+        row["loop"][f"{impl}+tree"] = dict(spec_ms_per_token=1e3 * t_tree,
+                                           speedup=t_ar / t_tree,
+                                           loop_efficiency=t_ar / t_tree / ideal)
+      except Exception as e:
+        row["loop"][f"{impl}+tree"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
     os.environ["DSPARK_KERNELS"] = "xla"
-    row["ops_us"] = op_micros(target, draft, b, s["repeats"], impls)
+    row["ops_us"] = op_micros(target, draft, b, s["repeats"], impls, tree=tree,
+                              cache_len=s["prompt_len"] + s["new_tokens"] + p + 1)
     row["markov_share_of_round"] = {
         impl: us / 1e6 / t_round for impl, us in row["ops_us"]["markov_greedy"].items()
         if isinstance(us, float)}
@@ -229,6 +295,7 @@ def main(argv=None) -> dict:
     print("  markov share of a round: " + ", ".join(
         f"{k}={v:.1%}" for k, v in row["markov_share_of_round"].items()), flush=True)
   speculative.ACCEPT_RULES.pop(rule)
+  speculative.TREE_ACCEPT_RULES.pop(rule, None)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(results, indent=2) + "\n")
   print(f"wrote {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")

@@ -97,7 +97,7 @@ def test_bad_requests_are_one_line_errors(target):
                    (Request(prompt=[1], max_new_tokens=9), r"max_tokens must be in \[1, 8\]"),
                    (Request(prompt=[1], temperature=-1), "temperature"),
                    (Request(prompt=[1], top_p=0.0), "top_p"),
-                   (Request(prompt=[99]), "")]:
+                   (Request(prompt=[99]), r"token ids must be in \[0, 12\)")]:
     with pytest.raises(RequestError, match=msg):
       b.submit(req)
   with pytest.raises(ValueError, match="slots"):

@@ -81,14 +81,24 @@ def test_dispatch_auto_and_forced_on_accelerators(monkeypatch):
   assert "\n" not in str(e.value)
 
 
-def test_attention_has_no_pallas_backend_yet(kernels_env):
-  q = jnp.ones((1, 2, 2, 4))
-  seg = attention.KV(jnp.ones((1, 1, 4, 3)), jnp.ones((1, 1, 3, 4)), causal=False)
-  assert attention.attention(q, seg, scale=0.5, implementation="auto").shape == (1, 2, 2, 4)
-  kernels_env("pallas")  # process-wide: the ops that have a kernel use it, attention its reference
-  assert attention.attention(q, seg, scale=0.5).shape == (1, 2, 2, 4)
-  with pytest.raises(NotImplementedError, match="segment attention"):
-    attention.attention(q, seg, scale=0.5, implementation="pallas")
+def test_attention_dispatches_to_its_kernel(kernels_env):
+  """Segment attention has a Pallas backend like every op (its own cases are in
+  tests/test_attention_kernel.py): forced, it runs interpreted on CPU; "auto" keeps the
+  reference until the kernel is measured on a GPU."""
+  assert attention.IMPLEMENTATIONS == ("xla", "pallas")
+  k = _keys(3, 3)
+  q = jax.random.normal(k[0], (1, 2, 2, 4))
+  seg = attention.KV(jax.random.normal(k[1], (1, 1, 4, 3)), jax.random.normal(k[2], (1, 1, 3, 4)),
+                     causal=False)
+  kernels_env(None)
+  assert attention.choose() == dispatch.Choice(pallas=False)
+  kernels_env("pallas")  # process-wide: attention runs its kernel too
+  assert attention.choose() == dispatch.Choice(pallas=True,
+                                               interpret=dispatch.platform() == "cpu")
+  with jax.default_matmul_precision("highest"):  # the XLA side's f32 dots on a GPU: not TF32
+    want = attention.attention(q, seg, scale=0.5, implementation="xla")
+    got = attention.attention(q, seg, scale=0.5)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_attention_prefix_spans():

@@ -15,7 +15,7 @@ from dspark_jax.decoding.state import Batch
 from dspark_jax.drafts import api as draft_api
 from dspark_jax.engine import Engine
 from dspark_jax.scheduling import Scheduler
-from test_speculative import _chi2_pvalue, exact_sequence_probs
+from test_speculative import _chi2_pvalue, sequence_counter
 
 PROMPTS = [[1, 5, 9, 3, 10, 7, 8, 2, 3, 4, 11], [4, 2, 9, 1, 0], [7, 7], [3, 1, 4, 1, 5, 9, 2]]
 P = 4
@@ -141,15 +141,11 @@ def test_sampled_distribution_exact_with_scheduler(peaked_target, policy):
   n = 20_000
   draft = draft_api.init_draft(target, "dspark", num_layers=1, block_size=3,
                                target_layer_ids=(0,), markov_rank=4, seed=3)
-  params = sampling.SamplingParams.make(1.0)
-  seqs, probs = exact_sequence_probs(target, prompt, params, 6)
-  index = {tuple(s): i for i, s in enumerate(seqs)}
+  probs, count = sequence_counter(target, prompt, sampling.SamplingParams.make(1.0))
   sched = _schedulers(4096, 3)[policy]
   res = dj.generate(target, [prompt] * n, draft=draft, max_new_tokens=3, stop_tokens=[],
                     temperature=1.0, seed=42, batch_size=4096, scheduler=sched)
-  counts = np.zeros(len(seqs))
-  for t in res.tokens:
-    counts[index[tuple(t)]] += 1
+  counts = count(res.tokens)
   lengths = {v for row in res.stats.verify_lengths for v in row}
   assert len(lengths) >= 2, lengths  # the schedule varied, so the test exercises it
   assert _chi2_pvalue(counts, probs) > 1e-3

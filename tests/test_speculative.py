@@ -155,6 +155,21 @@ def exact_sequence_probs(target, prompt, params, vocab, length=3):
   return seqs, per_step.prod(axis=1)
 
 
+def sequence_counter(target, prompt, params, length=3):
+  """(exact probabilities of every `length`-token continuation of `prompt`, a function
+  counting generated continuations `[n, length]` into the same order)."""
+  seqs, probs = exact_sequence_probs(target, prompt, params, target.config.vocab_size, length)
+  index = {tuple(s): i for i, s in enumerate(seqs)}
+
+  def count(tokens):
+    c = np.zeros(len(seqs))
+    for t in tokens:
+      c[index[tuple(t)]] += 1
+    return c
+
+  return probs, count
+
+
 def always_accept(target_logits, proposal, verify_len, keys_accept, keys_sample, params):
   """A broken rule: accepts every draft, so outputs follow the draft, not the target."""
   n_acc = verify_len
@@ -183,8 +198,7 @@ def test_sampled_speculative_matches_target_distribution(peaked_target, temperat
   draft = draft_api.init_draft(target, "dspark", num_layers=1, block_size=3,
                                target_layer_ids=(0,), markov_rank=4, seed=3)
   params = sampling.SamplingParams.make(temperature, top_k, top_p)
-  seqs, probs = exact_sequence_probs(target, prompt, params, 6)  # the sorted definition
-  index = {tuple(s): i for i, s in enumerate(seqs)}
+  probs, count = sequence_counter(target, prompt, params)  # the sorted definition
   if candidates is not None:  # read at trace time: retrace everything with it
     monkeypatch.setattr(sampling, "CANDIDATES", candidates)
     jax.clear_caches()
@@ -194,10 +208,7 @@ def test_sampled_speculative_matches_target_distribution(peaked_target, temperat
     res = dj.generate(target, [prompt] * n, draft=draft, max_new_tokens=3, stop_tokens=[],
                       temperature=temperature, top_k=top_k, top_p=top_p, seed=42,
                       batch_size=4096, acceptance=accept_rule)
-    c = np.zeros(len(seqs))
-    for t in res.tokens:
-      c[index[tuple(t)]] += 1
-    return c, res
+    return count(res.tokens), res
 
   counts, res = counts_for("exact")
   tau = res.stats.tau

@@ -60,6 +60,14 @@ class PendingKV:
     return PendingKV(tuple(map(grow, self.k)), tuple(map(grow, self.v)), self.start,
                      jnp.pad(self.valid, ((0, 0), (0, extra))))
 
+  def take(self, cols: Array) -> "PendingKV":
+    """The block re-laid as slots `cols` `[B, W']` of this one, written from `start` on: a
+    token tree's accepted path becomes a contiguous block."""
+    pick = lambda x: jnp.take_along_axis(x, cols.reshape(cols.shape + (1,) * (x.ndim - 2)),
+                                         axis=1)
+    return PendingKV(tuple(map(pick, self.k)), tuple(map(pick, self.v)), self.start,
+                     pick(self.valid))
+
   def masked(self, keep: Array) -> "PendingKV":
     """Only slots with `keep` `[B, W]` (or rows with `keep` `[B]`) stay valid."""
     keep = keep if keep.ndim == 2 else keep[:, None]

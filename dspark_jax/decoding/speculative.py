@@ -40,9 +40,11 @@ from dspark_jax.decoding import commit as commit_lib
 from dspark_jax.decoding import sampling
 from dspark_jax.decoding.cache import KVCache
 from dspark_jax.decoding.loop import count_trace, first_token, prefill
-from dspark_jax.decoding.state import Batch, Pack, Proposal, Rows, SpecState
+from dspark_jax.decoding.state import Batch, Pack, Proposal, Rows, SpecState, TreeProposal
 from dspark_jax.typing import Array
 from dspark_jax.kernels import prefix_accept as accept_kernels
+from dspark_jax.kernels import tree_accept as tree_kernels
+from dspark_jax.kernels.tree_accept import TreeShape
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,6 +115,24 @@ def verify_packed(target_model, cache: KVCache, anchor: Array, drafts: Array, ve
   return jax.lax.switch(index, branches, cache)
 
 
+def verify_tree(target_model, cache: KVCache, tokens: Array, shape: TreeShape, taps=(),
+                live: Array | None = None):
+  """One target call over a token tree: node i at position L + depth(i), seeing the
+  committed cache and its own ancestors only (`TreeShape.mask`).
+
+  Args:
+    tokens: int32 `[B, W]` (the root is the anchor).
+
+  Returns:
+    (logits float32 `[B, W, V]`, taps `[B, W, C]` or None, `PendingKV` of the W nodes, to be
+     re-laid along the accepted path with `PendingKV.take`).
+  """
+  positions = cache.lengths[:, None] + jnp.asarray(shape.depth)[None, :]
+  out = target_model(tokens, positions, cache=cache, taps=taps, write_mask=live,
+                     defer_writes=True, tree_mask=jnp.asarray(shape.mask))
+  return out.logits, out.taps, out.pending
+
+
 def token_budgets(batch: int, num_draft: int, count: int = 4) -> tuple[int, ...]:
   """Default verify-token buckets for B rows and block P: B, then evenly up to B(P+1)."""
   top = batch * (num_draft + 1)
@@ -175,9 +195,38 @@ def accept(target_logits: Array, proposal: Proposal, verify_len: Array, keys_acc
   return n_acc, sampling.sample_from_probs(keys_sample, dist)
 
 
-# Acceptance rules by name (`generate(..., acceptance=...)`). Only "exact" is lossless; tests
-# register deliberately broken rules here to show the distribution tests can fail.
+def accept_tree(target_logits: Array, proposal: TreeProposal, keys_accept: Array,
+                keys_sample: Array, params: sampling.SamplingParams,
+                shape: TreeShape) -> tuple[Array, Array, Array]:
+  """Exact acceptance over a token tree (`kernels.tree_accept`): greedy walks the target's
+  argmax; sampled runs recursive rejection over each node's i.i.d. children.
+
+  Args:
+    target_logits: `[B, W, V]` from `verify_tree`.
+    proposal: the tree and the logits each node was drawn from.
+    keys_accept: `[B]` keys for the W acceptance uniforms.
+    keys_sample: `[B]` keys for the emitted token.
+
+  Returns:
+    (n_accepted int32 `[B]` in [0, P], next token int32 `[B]`, deepest accepted node `[B]`).
+  """
+  kernel = tree_kernels.choose()
+  if params.greedy:
+    return tree_kernels.greedy_tree_accept(target_logits, proposal.tokens, shape=shape,
+                                           choice=kernel)
+  pt = sampling.probabilities(target_logits, params)
+  qd = sampling.probabilities(proposal.logits, params, exact=False)  # as drafted
+  u = jax.vmap(lambda k: jax.random.uniform(k, (shape.width,)))(keys_accept)
+  # The noise `sample_from_probs` would draw for the emitted token.
+  noise = jax.vmap(lambda k: jax.random.gumbel(k, pt.shape[-1:], jnp.float32))(keys_sample)
+  return tree_kernels.tree_accept(pt, qd, proposal.tokens, u, noise, shape=shape, choice=kernel)
+
+
+# Acceptance rules by name (`generate(..., acceptance=...)`), for chains and for trees. Only
+# "exact" is lossless; tests register deliberately broken rules here to show the
+# distribution tests can fail.
 ACCEPT_RULES = {"exact": accept}
+TREE_ACCEPT_RULES = {"exact": accept_tree}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,13 +253,15 @@ class LoopSpec:
     runtime: the draft algorithm's runtime (static methods).
     num_draft: P, drafts per round.
     budgets: verify-token buckets for packed verification, or () for dense verify.
-    accept_fn: the acceptance rule.
+    accept_fn: the acceptance rule (a `TREE_ACCEPT_RULES` one with `tree`).
+    tree: verify a token tree of this shape instead of a chain of `num_draft` (its depth).
   """
 
   runtime: Any
   num_draft: int
   budgets: tuple[int, ...] = ()
   accept_fn: Any = accept
+  tree: TreeShape | None = None
 
 
 def spec_init(tmodel, draft, loop: LoopSpec, batch: Batch, cache: KVCache, draft_state,
@@ -263,6 +314,12 @@ def spec_round(tmodel, draft, loop: LoopSpec, s: SpecState, seed_key, params, sc
     return runtime.propose(draft, tmodel, s.draft_state, s.anchor, s.cache.lengths, k_draft,
                            params, p)
 
+  if loop.tree is not None:  # the whole tree is verified: nothing to schedule
+    return _finish(runtime, draft, tmodel, s,
+                   tree_round(tmodel, draft, loop, s, k_draft, k_acc, k_samp, params, taps,
+                              context_pending),
+                   jnp.asarray(True), s.probe_level)
+
   def draft_round():
     prop = propose()
     ell = schedule(scheduler, prop, s.stale, live, verify_cap)
@@ -301,6 +358,25 @@ def spec_round(tmodel, draft, loop: LoopSpec, s: SpecState, seed_key, params, sc
   do_propose, level = scheduler.wants_proposal(s.stale, live, s.since_probe, s.probe_level)
   outcome = jax.lax.cond(do_propose, draft_round, plain_round)
   return _finish(runtime, draft, tmodel, s, outcome, do_propose, level)
+
+
+def tree_round(tmodel, draft, loop: LoopSpec, s: SpecState, k_draft, k_acc, k_samp, params,
+               taps, context_pending) -> "Outcome":
+  """Propose a tree, verify every node in one pass, accept the longest lossless path, and
+  re-lay that path's K/V and features as the contiguous block a chain round would give."""
+  shape = loop.tree
+  live = ~s.done
+  prop = loop.runtime.propose_tree(draft, tmodel, s.draft_state, s.anchor, s.cache.lengths,
+                                   k_draft, params, shape)
+  logits, v_taps, pending = verify_tree(tmodel, s.cache, prop.tokens, shape, taps, live)
+  n_acc, nxt, leaf = loop.accept_fn(logits, prop, k_acc, k_samp, params, shape)
+  path = jnp.asarray(shape.ancestors)[leaf]  # [B, P+1]: root .. leaf, then the leaf again
+  v_taps = None if v_taps is None else jnp.take_along_axis(v_taps, path[..., None], axis=1)
+  b, p = path.shape[0], shape.num_draft
+  return Outcome(pending.take(path), v_taps,
+                 jnp.take_along_axis(prop.tokens, path[:, 1:], axis=1), n_acc, nxt,
+                 jnp.where(live, p, 0).astype(jnp.int32), jnp.zeros((b, p), jnp.float32),
+                 context_pending(v_taps))
 
 
 @jax.tree_util.register_dataclass

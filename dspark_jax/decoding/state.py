@@ -71,6 +71,21 @@ class Proposal:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
+class TreeProposal:
+  """A token tree (`kernels.tree_accept.TreeShape`, W nodes breadth first, root = anchor).
+
+  Attributes:
+    tokens: int32 `[B, W]` node tokens; tokens[:, 0] is the anchor.
+    logits: float32 `[B, W, V]` the logits node i was drawn from (its parent's
+      distribution, shared by siblings; the root's row is zeros), as `Proposal.logits`.
+  """
+
+  tokens: Array
+  logits: Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
 class ARState:
   """Loop carry of plain decoding.
 

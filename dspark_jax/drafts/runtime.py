@@ -11,10 +11,11 @@ import jax.numpy as jnp
 
 from dspark_jax.decoding import sampling
 from dspark_jax.decoding.cache import KVCache, PendingKV
-from dspark_jax.decoding.state import Proposal
+from dspark_jax.decoding.state import Proposal, TreeProposal
 from dspark_jax.drafts import parallel
 from dspark_jax.typing import Array
 from dspark_jax.kernels import markov_sampler as markov_kernels
+from dspark_jax.kernels.tree_accept import TreeShape
 
 
 def position_keys(keys: Array, k) -> Array:
@@ -127,6 +128,61 @@ def parallel_sample(confidence_head, base: Array, hidden: Array, keys: Array,
                   confidence=conf)
 
 
+def tree_sample(markov_head, base: Array, hidden: Array, anchor: Array, keys: Array,
+                params: sampling.SamplingParams, shape: TreeShape, vocab_ids: Array | None,
+                vocab_size: int) -> TreeProposal:
+  """Expands the block into a token tree, level by level.
+
+  A node at depth d-1 with token y gets `shape.branching[d-1]` children from
+  Z = U_d + B_d(y) (the sequential head conditioned on the node's own token, its state
+  carried down the node's path; `markov_head` None: Z = U_d, as DFlash). Greedy children are
+  the top-k of Z (distinct, the first one the chain's token); sampled children are i.i.d.
+  draws, which is what multi-draft rejection sampling needs to stay lossless.
+
+  Args:
+    base: U, float32 `[B, P, V]` (`[B, P, N]` over a draft vocabulary).
+    hidden: backbone hidden `[B, P, D]`.
+    anchor: int32 `[B]` (the root).
+    keys: `[B]` draft keys of this round (child i of the tree draws with fold_in(key, i)).
+    vocab_ids: int32 `[N]` target ids of a reduced draft vocabulary, or None.
+    vocab_size: V (the target vocabulary).
+  """
+  b = anchor.shape[0]
+  prev = anchor.astype(jnp.int32)[:, None]  # [B, n] target ids of the current level
+  state = None if markov_head is None else markov_head.init_state(b, hidden.dtype)[:, None]
+  tokens = [prev]
+  logits = [jnp.zeros((b, 1, vocab_size), jnp.float32)]
+  for d, k in enumerate(shape.branching):  # level d -> d + 1; P is small: unrolled
+    n = prev.shape[1]
+    z = jnp.broadcast_to(base[:, d, None], (b, n, base.shape[-1]))
+    if markov_head is not None:
+      h = jnp.broadcast_to(hidden[:, d, None], (b, n, hidden.shape[-1])).reshape(b * n, -1)
+      width = state.shape[-1]  # 0 for the stateless heads: no -1 reshapes
+      bias, _, state = markov_head.step(h, prev.reshape(-1), state.reshape(b * n, width),
+                                        vocab_ids)
+      z = z + bias.reshape(b, n, -1)
+      state = jnp.repeat(state.reshape(b, n, width), k, axis=1)
+    if params.greedy:
+      child = jax.lax.top_k(z, k)[1].astype(jnp.int32)  # [B, n, k]
+    else:
+      x = sampling.processed_logits(z, params, exact=False)
+      ids = shape.offsets[d + 1] + jnp.arange(n * k)
+      node_keys = jax.vmap(lambda key: jax.vmap(lambda i: jax.random.fold_in(key, i))(ids))(keys)
+      draw = jax.vmap(jax.vmap(jax.random.categorical))
+      child = draw(node_keys, jnp.repeat(x, k, axis=1)).astype(jnp.int32).reshape(b, n, k)
+      greedy = params.greedy_rows(z)
+      if greedy is not None:
+        child = jnp.where(greedy, jnp.argmax(z, axis=-1, keepdims=True).astype(jnp.int32), child)
+    child = child.reshape(b, n * k)
+    if vocab_ids is not None:
+      child = vocab_ids[child]
+    tokens.append(child)
+    logits.append(jnp.repeat(to_target_vocab(z, vocab_ids, vocab_size), k, axis=1))
+    prev = child
+  return TreeProposal(tokens=jnp.concatenate(tokens, axis=1),
+                      logits=jnp.concatenate(logits, axis=1))
+
+
 class ParallelRuntime:
   """DSpark / DFlash: context cache of projected target features per draft layer."""
 
@@ -146,14 +202,30 @@ class ParallelRuntime:
     return ctx.commit(batch.lengths)
 
   @staticmethod
-  def propose(draft, tmodel, ctx: KVCache, anchor: Array, anchor_pos: Array, keys: Array,
-              params, num_draft: int) -> Proposal:
+  def backbone(draft, tmodel, ctx: KVCache, anchor: Array, anchor_pos: Array, num_draft: int):
+    """The parallel backbone's pass: (hidden `[B, P, D]`, base logits U `[B, P, V or N]`,
+    draft vocabulary ids or None)."""
     dcfg = draft.dcfg
     embeds = tmodel.embed(parallel.block_tokens(dcfg, anchor))
     h = parallel.block_hidden(draft, embeds, anchor_pos, ctx)
     h = (h if dcfg.anchor_first else h[:, 1:])[:, :num_draft]
     ids = None if draft.draft_vocab is None else draft.draft_vocab[...]
-    base = tmodel.logits_from_hidden(h, ids)
+    return h, tmodel.logits_from_hidden(h, ids), ids
+
+  @staticmethod
+  def propose_tree(draft, tmodel, ctx: KVCache, anchor: Array, anchor_pos: Array, keys: Array,
+                   params, shape: TreeShape) -> TreeProposal:
+    """A token tree of `shape` instead of a chain (`tree_sample`)."""
+    h, base, ids = ParallelRuntime.backbone(draft, tmodel, ctx, anchor, anchor_pos,
+                                            shape.num_draft)
+    return tree_sample(draft.markov_head, base, h, anchor, keys, params, shape, ids,
+                       tmodel.cfg.vocab_size)
+
+  @staticmethod
+  def propose(draft, tmodel, ctx: KVCache, anchor: Array, anchor_pos: Array, keys: Array,
+              params, num_draft: int) -> Proposal:
+    dcfg = draft.dcfg
+    h, base, ids = ParallelRuntime.backbone(draft, tmodel, ctx, anchor, anchor_pos, num_draft)
     if draft.markov_head is None:
       return parallel_sample(draft.confidence_head, base, h, keys, params, ids,
                              tmodel.cfg.vocab_size)

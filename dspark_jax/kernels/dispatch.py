@@ -11,8 +11,8 @@ Every op's `api.py` asks `resolve` which backend to run:
     tested and measured to pay), else the reference.
 
 `DSPARK_KERNELS=pallas` means "every op that has a Pallas kernel": an op with none built yet
-(segment attention) runs its reference then, while `implementation="pallas"` passed to
-such an op is an error.
+(`resolve(..., built=False)`) runs its reference then, while `implementation="pallas"` passed
+to such an op is an error. Every op here has one now (segment attention included).
 
 The choice is made when a function is traced, so it is fixed for a program already compiled
 in this process: set the variable before the first call (or call `jax.clear_caches()`).

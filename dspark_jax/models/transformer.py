@@ -95,6 +95,16 @@ class Attention(nnx.Module):
     return attn_kernels.attention(q, *segments, q_positions=q_positions, scale=self.scale,
                                   softcap=self.logit_softcap, extent=extent)
 
+  def attend_packed(self, q: Array, past, k: Array, v: Array, pack: Pack,
+                    extent: Array | None = None) -> Array:
+    """Packed verify: flat queries `[1, N, N_h, H]` over their rows' committed cache `past`
+    and their own flat keys/values `[1, N, K, H]` (`kernels.attention.ragged_attention`:
+    one kernel program per row reads the row's span of the flat batch)."""
+    out = attn_kernels.ragged_attention(
+        q[0], past, k[0], v[0], rows=pack.rows, cols=pack.cols, start=pack.start,
+        width=pack.valid.shape[1], scale=self.scale, softcap=self.logit_softcap, extent=extent)
+    return out[None]
+
 
 # attn_fn(attn_module, q, k_new, v_new) -> attention output `[B, T, N, H]` (before o_proj).
 # k_new/v_new are the new tokens' keys/values, None for KV-shared layers.
@@ -242,7 +252,7 @@ class CausalLM(nnx.Module):
                cache: KVCache | None = None, attend_len: int | None = None,
                write_mask: Array | None = None, taps: Sequence[int] = (),
                compute_logits: bool = True, pack: Pack | None = None,
-               defer_writes: bool = False) -> ForwardOutput:
+               defer_writes: bool = False, tree_mask: Array | None = None) -> ForwardOutput:
     """Runs the decoder.
 
     Args:
@@ -264,6 +274,10 @@ class CausalLM(nnx.Module):
         committed slots (`< cache.lengths`) plus their own K/V as a second key segment,
         and the K/V come back as `ForwardOutput.pending` for the caller to write, outside
         any device-side branch (see `PendingKV`).
+      tree_mask: (with `defer_writes`, dense) bool `[T, T]`: new token i sees new token j
+        only where it is True: a token tree verified in one pass (`positions` are then
+        the nodes' depths past the cache, not contiguous, and the caller writes the
+        accepted path's K/V).
 
     Returns:
       ForwardOutput.
@@ -289,6 +303,8 @@ class CausalLM(nnx.Module):
       extent = jnp.max(pack.positions if pack is not None else positions) + 1
     if defer_writes and cache is None:
       raise ValueError("defer_writes needs a cache")
+    if tree_mask is not None and (not defer_writes or pack is not None):
+      raise ValueError("tree_mask needs defer_writes and a dense (unpacked) block")
     pending_k, pending_v = {}, {}
     # Dense block layout of the new tokens (packed: the rows' [B, W] blocks).
     q_pos = pack.positions if pack is not None else positions
@@ -317,8 +333,12 @@ class CausalLM(nnx.Module):
             past = cache.segment(slot_of[i], span=attend_len, window=window,
                                  visible_lengths=cache.lengths)
             own = attn_kernels.KV(kd.transpose(0, 2, 3, 1), vd.transpose(0, 2, 1, 3),
-                                  positions=q_pos, lengths=own_len, window=window)
+                                  positions=q_pos, lengths=own_len, window=window,
+                                  mask=tree_mask)
             segs = (past, own)
+            if pack is not None:  # KV-shared layers below still read the dense `segs`
+              segment_of_layer[i] = segs
+              return att.attend_packed(q, past, k_new, v_new, pack, extent)
           else:
             c = carry["cache"]
             c = (c.write(slot_of[i], kd, vd, pack.start, pack.valid) if pack is not None

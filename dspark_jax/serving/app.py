@@ -25,6 +25,12 @@ def _check(config) -> None:
       raise ValueError(f"--config.{name} must be >= 1, got {config[name]}")
   if not 0 <= config.port < 65536:
     raise ValueError(f"--config.port must be in [0, 65535], got {config.port}")
+  if config.get("tree", ""):
+    from dspark_jax.kernels.tree_accept import TreeShape
+    try:
+      TreeShape.parse(config.tree)
+    except ValueError as e:
+      raise ValueError(f"--config.tree: {e}") from None
 
 
 def load_models(config, out=sys.stderr):
@@ -44,6 +50,9 @@ def load_models(config, out=sys.stderr):
 
 def make_batcher(config, target, draft, out=sys.stderr) -> ContinuousBatcher:
   scheduler = config.scheduler
+  tree = config.get("tree", "") or None
+  if tree is not None:
+    scheduler = None  # a tree is verified whole
   if draft is not None and scheduler == "auto" and draft.config.confidence_head:
     # The scheduler needs this machine's verify-cost curve: measured once, then cached.
     from dspark_jax.engine import profile
@@ -55,7 +64,7 @@ def make_batcher(config, target, draft, out=sys.stderr) -> ContinuousBatcher:
                            max_new_tokens=config.max_new_tokens,
                            rounds_per_step=config.rounds_per_step,
                            num_draft_tokens=config.num_draft_tokens or None,
-                           scheduler=scheduler, seed=config.seed)
+                           scheduler=scheduler, seed=config.seed, tree=tree)
 
 
 def serve(config, out=sys.stdout) -> dict[str, Any] | None:

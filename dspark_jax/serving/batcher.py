@@ -143,13 +143,14 @@ class ContinuousBatcher:
     max_new_tokens: O, the largest per-request limit accepted.
     max_prompt_len: the longest prompt accepted (default: what the model's context leaves).
     rounds_per_step: rounds per device call between admissions (latency vs host overhead).
-    num_draft_tokens / scheduler: as in `generate`.
+    num_draft_tokens / scheduler / tree: as in `generate`.
     seed: RNG seed shared by all requests (each has its own request id stream).
   """
 
   def __init__(self, target, draft=None, *, slots: int = 8, max_new_tokens: int = 256,
                max_prompt_len: int | None = None, rounds_per_step: int = 4,
-               num_draft_tokens: int | None = None, scheduler="fixed", seed: int = 0):
+               num_draft_tokens: int | None = None, scheduler="fixed", seed: int = 0,
+               tree=None):
     from dspark_jax import generation  # SpecSetup: validation shared with generate
     if slots < 1:
       raise ValueError(f"slots must be >= 1, got {slots}")
@@ -162,7 +163,8 @@ class ContinuousBatcher:
     self.spec = None
     if draft is not None:
       self.spec = generation.SpecSetup.make(target, draft, num_draft_tokens, None, slots,
-                                            scheduler=scheduler, batch_size=bucket(slots, 1))
+                                            scheduler=scheduler, batch_size=bucket(slots, 1),
+                                            tree=tree)
     extra = self.spec.extra_capacity if self.spec else 0
     limit = target.config.max_position_embeddings
     self.max_new_tokens = max_new_tokens

@@ -5,8 +5,9 @@ separately and the partial results are merged by their log-sum-exp, so callers n
 concatenate key buffers or build a dense mask:
 
   * `KV`: keys at absolute positions (a cache: slot s holds position s), visible to a query
-    at position p when `s < lengths` (per row, or per query) and, if `causal`, `pos(s) <= p`
-    and `p - pos(s) < window`;
+    at position p when `s < lengths` (per row, or per query), if `causal`, `pos(s) <= p`
+    and `p - pos(s) < window`, and, with a `mask`, where it is True (a token tree's own
+    keys: each node sees its ancestors only, which positions alone cannot say);
   * `Block`: keys in the queries' own index space, split into groups of `group`
     consecutive queries; a query sees every key of its own group (bidirectional blocks:
     the DSpark/DFlash draft block; `group=1` pairs each query with the key at its own
@@ -43,6 +44,7 @@ class KV:
     lengths: int `[B]` or `[B, T]`: keys at slot `>= lengths` are invisible (None: all).
     causal: hide keys whose position is after the query's.
     window: sliding window (keys with `q_pos - k_pos >= window` hidden); needs `causal`.
+    mask: bool `[T, S]` or `[B, T, S]`: keys hidden where False (None: none hidden).
   """
 
   k: Array
@@ -51,6 +53,7 @@ class KV:
   lengths: Array | None = None
   causal: bool = True
   window: int | None = None
+  mask: Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +120,8 @@ def _kv_partial(qg: Array, seg: KV, q_positions: Array, scale: float, softcap):
     visible &= kpos <= qpos
     if seg.window is not None:
       visible &= (qpos - kpos) < seg.window
+  if seg.mask is not None:
+    visible &= jnp.broadcast_to(seg.mask, (b, t, s))
   m, l, o = _partial(logits.reshape(b, kh, t * g, s), visible[:, None, :, None, :], seg.v,
                      "BKMS,BKSH->BKMH", view=(b, kh, t, g, s), small=s <= SMALL_SEGMENT)
   return m.reshape(b, kh, t, g), l.reshape(b, kh, t, g), o.reshape(b, kh, t, g, -1)
@@ -176,3 +181,44 @@ def attention(q: Array, *segments, q_positions: Array | None = None, scale: floa
     num = num + oi * w[..., None]
   out = num / den[..., None]  # [B, K, T, G, Hv]
   return out.transpose(0, 2, 1, 3, 4).reshape(b, t, n, -1).astype(q.dtype)
+
+
+def ragged_attention(q: Array, cache: KV, k: Array | None = None, v: Array | None = None, *,
+                     rows: Array, cols: Array, start: Array, width: int, scale: float,
+                     softcap: float | None = None, mask: Array | None = None) -> Array:
+  """Packed-verify attention: flat queries over their rows' caches and own new keys.
+
+  The flat tokens are a `Pack`'s (`decoding.state`): token i sits in dense row `rows[i]`
+  (`== B`: padding), column `cols[i]`, at position `start[row] + col`. This is the dense
+  path spelled out: scatter to `[B, W]` (`Pack.to_dense`), `attention`, gather back
+  (`Pack.to_flat`: padding tokens read row B-1's column 0).
+
+  Args:
+    q: `[N, Nh, H]` flat queries (N tokens, Nh = K * G query heads).
+    cache: each row's cache segment (`k` `[B, K, H, S]`, with its lengths, positions,
+      causal, window; `lengths` `[B, W]` and `mask` `[W, S]` / `[B, W, S]` are per dense query).
+    k, v: `[N, K, H]` the tokens' own keys/values (None: the cache holds them already); a
+      second, causal segment over each row's own tokens (hidden at columns `>=` the row's
+      token count), with the cache's window.
+    rows, cols: int32 `[N]` dense coordinates.
+    start: int32 `[B]` position of each row's column 0.
+    width: W, the dense block width.
+    scale, softcap: as in `attention`.
+    mask: bool `[W, W]` or `[B, W, W]` on the own keys (a token tree's ancestors).
+
+  Returns:
+    `[N, Nh, Hv]` in q's dtype.
+  """
+  b = start.shape[0]
+
+  def dense(x):
+    return jnp.zeros((b, width) + x.shape[1:], x.dtype).at[rows, cols].set(x, mode="drop")
+
+  positions = start[:, None] + jnp.arange(width, dtype=jnp.int32)[None, :]
+  segments = [cache]
+  if k is not None:
+    counts = jnp.zeros((b,), jnp.int32).at[rows].add(1, mode="drop")
+    segments.append(KV(dense(k).transpose(0, 2, 3, 1), dense(v).transpose(0, 2, 1, 3),
+                       positions=positions, lengths=counts, window=cache.window, mask=mask))
+  out = attention(dense(q), *segments, q_positions=positions, scale=scale, softcap=softcap)
+  return out[jnp.minimum(rows, b - 1), cols]

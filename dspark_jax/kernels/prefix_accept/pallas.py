@@ -96,7 +96,8 @@ def _greedy_kernel(logits_ref, drafts_ref, len_ref, n_ref, tok_ref, *, num_draft
   tok_ref[0] = tok
 
 
-def _call(kernel, args, b: int, interpret: bool):
+def _call(kernel, args, b: int, interpret: bool, outputs: int = 2):
+  """One program per row; every output is an int32 scalar per row."""
   specs = [pl.BlockSpec((1,) + a.shape[1:], lambda i, nd=a.ndim: (i,) + (0,) * (nd - 1))
            for a in args]
   params = None
@@ -105,8 +106,8 @@ def _call(kernel, args, b: int, interpret: bool):
     params = pl_triton.CompilerParams(num_warps=4, num_stages=2)
   out = pl.BlockSpec((1,), lambda i: (i,))
   return pl.pallas_call(
-      kernel, grid=(b,), in_specs=specs, out_specs=[out, out],
-      out_shape=[jax.ShapeDtypeStruct((b,), jnp.int32)] * 2,
+      kernel, grid=(b,), in_specs=specs, out_specs=[out] * outputs,
+      out_shape=[jax.ShapeDtypeStruct((b,), jnp.int32)] * outputs,
       compiler_params=params, interpret=interpret)(*args)
 
 
