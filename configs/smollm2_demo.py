@@ -32,7 +32,8 @@ def get_config():
   c.draft.vocab_size = 8192
   c.data.prompts = "../shared/data/train/gsm8k_train.jsonl"
   c.data.num_prompts = 0
-  c.data.code_prompts = 0
+  c.data.code_prompts = 768  # the code sets (humaneval, mbpp, livecodebench) need code replies
+  c.data.chat_prompts = 768  # and chat (mt-bench, arena-hard): pydoc explain/summarise/rewrite
   c.data.reference_answers = True
   c.data.max_length = 384
   c.data.seq_len = 384

@@ -1,6 +1,6 @@
 """GPU benchmark of the speculative loop and of the Pallas kernels (one H100/H200).
 
-A Qwen3-4B-shaped target and DSpark draft (block 7, Markov rank 256) with random bf16
+A Qwen3-4B-shaped (or `--model=8b`) target and DSpark draft (block 7, Markov rank 256) with random bf16
 weights. Random drafts are almost never accepted, so acceptance is synthetic: an acceptance
 rule registered for this run accepts exactly `--accept` drafts per round (tau =
 accept + 1 committed tokens per round), which fixes the number of rounds while every other
@@ -49,17 +49,19 @@ from dspark_jax.kernels import dispatch  # noqa: E402
 from dspark_jax.kernels import attention, markov_sampler, prefix_accept, tree_accept  # noqa: E402
 
 
-def qwen3_4b_config() -> ModelConfig:
-  """Qwen3-4B's shapes (HF config.json of Qwen/Qwen3-4B)."""
-  return ModelConfig(family="qwen3", vocab_size=151936, hidden_size=2560,
-                     intermediate_size=9728, num_layers=36, num_heads=32, num_kv_heads=8,
-                     head_dim=128, layer_types=(FULL,) * 36, rope_full=RopeConfig(theta=1e6),
-                     qk_norm=True, attn_scale=128 ** -0.5, hidden_act="silu",
-                     tie_word_embeddings=True, max_position_embeddings=40960,
-                     eos_token_ids=(), pad_token_id=0)
+def qwen3_config(size: str = "4b") -> ModelConfig:
+  """Qwen3-4B's or Qwen3-8B's shapes (HF config.json of Qwen/Qwen3-4B, Qwen/Qwen3-8B)."""
+  hidden, inter, layers, heads, tied = {"4b": (2560, 9728, 36, 32, True),
+                                        "8b": (4096, 12288, 36, 32, False)}[size]
+  return ModelConfig(family="qwen3", vocab_size=151936, hidden_size=hidden,
+                     intermediate_size=inter, num_layers=layers, num_heads=heads,
+                     num_kv_heads=8, head_dim=128, layer_types=(FULL,) * layers,
+                     rope_full=RopeConfig(theta=1e6), qk_norm=True, attn_scale=128 ** -0.5,
+                     hidden_act="silu", tie_word_embeddings=tied,
+                     max_position_embeddings=40960, eos_token_ids=(), pad_token_id=0)
 
 
-def setup(smoke: bool):
+def setup(smoke: bool, model: str = "4b"):
   """(target, draft, settings) with random weights."""
   if smoke:
     cfg = tiny.tiny_config("qwen3", vocab=301, hidden=32, layers=4)
@@ -68,7 +70,7 @@ def setup(smoke: bool):
                                  target_layer_ids=(0, 2), markov_rank=16, seed=0)
     return target, draft, dict(prompt_len=12, new_tokens=33, batches=(1, 3), repeats=3,
                                split_rounds=16)
-  target = tiny.random_target(qwen3_4b_config(), seed=0, dtype=jnp.bfloat16)
+  target = tiny.random_target(qwen3_config(model), seed=0, dtype=jnp.bfloat16)
   draft = draft_api.init_draft(target, "dspark", num_layers=5, block_size=7,
                                target_layer_ids=(1, 9, 17, 25, 33), markov_rank=256,
                                mask_token_id=151669, seed=0)
@@ -211,6 +213,8 @@ def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--smoke", action="store_true", help="tiny config (CPU; kernels interpreted)")
   ap.add_argument("--batches", default="", help="comma-separated batch sizes (default 1,8,64)")
+  ap.add_argument("--model", default="4b", choices=("4b", "8b"),
+                  help="Qwen3 shapes of the random target (8b: ~16 GB of bf16 weights)")
   ap.add_argument("--accept", type=int, default=3, help="drafts accepted per round (tau - 1)")
   ap.add_argument("--kernels", default="xla,pallas", help="DSPARK_KERNELS values for the loop")
   ap.add_argument("--tree", default="", help="also time token-tree verification of this shape "
@@ -223,7 +227,7 @@ def main(argv=None) -> dict:
   if out.exists() and not args.overwrite:
     ap.error(f"{out.name} exists (pass --overwrite to replace it)")
 
-  target, draft, s = setup(args.smoke)
+  target, draft, s = setup(args.smoke, args.model)
   batches = tuple(int(x) for x in args.batches.split(",")) if args.batches else s["batches"]
   impls = tuple(args.kernels.split(","))
   p = draft.config.block_size
@@ -238,6 +242,7 @@ def main(argv=None) -> dict:
     speculative.TREE_ACCEPT_RULES[rule] = fixed_tree_acceptance(accept)
   rng = np.random.default_rng(0)
   results = {"device": str(jax.devices()[0]), "platform": dispatch.platform(),
+             "model": "smoke" if args.smoke else f"qwen3-{args.model}-shaped",
              "smoke": args.smoke, "block": p, "tau": tau, "markov_rank": draft.config.markov_rank,
              "vocab": target.config.vocab_size, "new_tokens": s["new_tokens"],
              "prompt_len": s["prompt_len"], "tree": list(tree.branching) if tree else None,

@@ -350,20 +350,25 @@ def test_accept_call_site_with_kernels_equals_default(kernels_env):
 # ---------------------------------------------------------------------------------------------
 # end to end
 # ---------------------------------------------------------------------------------------------
-def test_speculative_generation_with_pallas_kernels_equals_default(kernels_env, monkeypatch):
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "t1"])
+def test_speculative_generation_with_pallas_kernels_equals_default(kernels_env, monkeypatch,
+                                                                   temperature):
+  """Kernels on give the tokens of kernels off (same randomness), greedy and sampled: with
+  the distribution tests of the reference path, the kernels' outputs are exact too."""
   cfg = testing.tiny_config("qwen3", vocab=12, layers=3)
   target = testing.random_target(cfg, scale=12.0, seed=2)
   draft = draft_api.init_draft(target, "dspark", num_layers=1, block_size=3,
                                target_layer_ids=(0, 1), markov_rank=8, seed=1,
                                markov_head_type="vanilla")
   prompts = [[1, 5, 9, 3, 10], [4, 2, 9], [7, 7]]
-  kw = dict(draft=draft, max_new_tokens=9, stop_tokens=[])
+  kw = dict(draft=draft, max_new_tokens=9, stop_tokens=[], temperature=temperature, seed=5)
   kernels_env(None)
-  plain = dj.generate(target, prompts, max_new_tokens=9, stop_tokens=[])
   want = dj.generate(target, prompts, **kw)
-  assert want.tokens == plain.tokens
+  if temperature == 0:
+    assert want.tokens == dj.generate(target, prompts, max_new_tokens=9, stop_tokens=[]).tokens
+  accept_name = "greedy_accept" if temperature == 0 else "prefix_accept"
   calls = []
-  for mod, name in ((ms_pallas, "markov_sample"), (pa_pallas, "greedy_accept")):
+  for mod, name in ((ms_pallas, "markov_sample"), (pa_pallas, accept_name)):
     fn = getattr(mod, name)
     monkeypatch.setattr(mod, name, lambda *a, _fn=fn, _n=name, **k: calls.append(_n) or _fn(*a, **k))
   kernels_env("pallas")
@@ -372,6 +377,6 @@ def test_speculative_generation_with_pallas_kernels_equals_default(kernels_env, 
     got = dj.generate(target, prompts, **kw)
   finally:
     jax.clear_caches()
-  assert set(calls) == {"markov_sample", "greedy_accept"}  # the kernels were traced in
+  assert set(calls) == {"markov_sample", accept_name}  # the kernels were traced in
   assert got.tokens == want.tokens
   assert got.stats.accept_lengths == want.stats.accept_lengths
