@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Trains the demo drafts for SmolLM2-135M-Instruct (recipe: configs/smollm2_demo.py) and copies
-# the DSpark draft into the package (dspark_jax/assets/drafts/), where `serve.py` finds it.
+# Trains the demo drafts for SmolLM2-135M-Instruct (recipe: configs/smollm2_demo.py) and, with
+# INSTALL=1, copies the DSpark draft into the package (dspark_jax/assets/drafts/), where
+# `serve.py` finds it.
 #
 #   bash scripts/train_demo_drafts.sh [ROOT] [ALGORITHMS]     (defaults: runs/smollm2_demo, dspark)
 #
+# INSTALL=1 copies the trained DSpark draft into the package (after you have evaluated it).
 # Data and offline features are produced once in ROOT/dspark and shared by every algorithm
 # (ALGORITHMS="dspark dflash eagle3" trains all three on the same budget). Every stage
-# resumes where a killed run stopped. REGENERATE=1 first regenerates the answers of the GSM8K
-# questions not yet in data/demo_v2/ (hours on a CPU; resumable) instead of using their
-# reference answers.
+# resumes where a killed run stopped. REGENERATE=1 first regenerates the answers not yet in
+# data/demo_v2/ (GSM8K questions, the recipe's code and chat prompts; hours on a CPU;
+# resumable); without it the GSM8K questions not regenerated keep their reference answers.
 set -euo pipefail
 ROOT=${1:-runs/smollm2_demo}
 ALGORITHMS=${2:-dspark}
@@ -31,6 +33,11 @@ for alg in $ALGORITHMS; do
   python train.py --config=$CFG --workdir="$ROOT/$alg" --config.algorithm=$alg \
       --config.features.cache_dir="$ROOT/dspark/features" $extra
 done
+if [ "${INSTALL:-0}" != 1 ]; then
+  echo "trained drafts are in $ROOT/*/draft; evaluate them, then rerun with INSTALL=1 to copy"
+  echo "the DSpark one into the package"
+  exit 0
+fi
 rm -rf dspark_jax/assets/drafts/smollm2-135m-instruct-dspark.new
 cp -r "$ROOT/dspark/draft" dspark_jax/assets/drafts/smollm2-135m-instruct-dspark.new
 rm -rf dspark_jax/assets/drafts/smollm2-135m-instruct-dspark
