@@ -18,12 +18,17 @@ def test_frequent_tokens_keeps_required_ids():
     vocab.frequent_tokens([[1]], 9, 8)
 
 
-def test_restricted_draft_greedy_roundtrip_and_distribution(tmp_path):
+def restricted_rig():
+  """(a peaked 6-token target, a DSpark draft of block 3 restricted to tokens 0, 2, 3)."""
   cfg = testing.tiny_config("qwen3", vocab=6, layers=2, hidden=32)
   target = testing.random_target(cfg, scale=16.0, seed=11)
   full = draft_api.init_draft(target, "dspark", num_layers=1, block_size=3,
                               target_layer_ids=(0,), markov_rank=4, seed=3)
-  draft = vocab.restrict_vocab(full, [0, 2, 3])
+  return target, vocab.restrict_vocab(full, [0, 2, 3])
+
+
+def test_restricted_draft_greedy_roundtrip_and_distribution(tmp_path):
+  target, draft = restricted_rig()
   prompt = [1, 4, 2, 5]
   toks, logits, _ = dj.propose_block(target, draft, prompt, temperature=1.0)
   assert set(np.asarray(toks).tolist()) <= {0, 2, 3}

@@ -253,12 +253,8 @@ def test_tree_over_a_reduced_draft_vocabulary_is_exact():
   """Tree nodes drawn over a reduced draft vocabulary (q = 0 elsewhere): greedy equals plain
   greedy and T=1 continuations follow the target's law (tokens outside the vocabulary come
   from the residuals)."""
-  from dspark_jax.drafts import vocab
-  cfg = testing.tiny_config("qwen3", vocab=6, layers=2, hidden=32)
-  target = testing.random_target(cfg, scale=16.0, seed=11)
-  full = draft_api.init_draft(target, "dspark", num_layers=1, block_size=3,
-                              target_layer_ids=(0,), markov_rank=4, seed=3)
-  draft = vocab.restrict_vocab(full, [0, 2, 3])
+  from test_draft_vocab import restricted_rig
+  target, draft = restricted_rig()
   prompt = [1, 4, 2, 5]
   ref = dj.generate(target, [prompt, [3, 3]], max_new_tokens=10, stop_tokens=[])
   got = dj.generate(target, [prompt, [3, 3]], draft=draft, max_new_tokens=10, stop_tokens=[],
