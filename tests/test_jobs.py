@@ -109,6 +109,7 @@ def test_killed_job_resumes_to_the_uninterrupted_result(tmp_path):
 def test_cli_errors_are_one_line_before_the_model_loads(tmp_path):
   for args, msg in [(["--config.batch_size=0"], "batch_size must be >= 1"),
                     (["--config.mode=nope"], "mode must be one of"),
+                    (["--config.tree=2,x"], "--config.tree: tree must be comma-separated"),
                     ([f"--config.prompts={tmp_path / 'none.jsonl'}"], "does not exist")]:
     p = _serve(args)
     _, err = p.communicate(timeout=120)
