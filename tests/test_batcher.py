@@ -139,3 +139,18 @@ def test_admissions_do_not_recompile_the_decode_loop(target, draft, speculative)
   seen = loop_lib.TRACE_COUNTS.get(name, 0)
   b.run(again())
   assert loop_lib.TRACE_COUNTS.get(name, 0) == seen
+
+
+def test_a_step_returns_when_a_row_finishes_and_work_waits(target):
+  """`stop_on_finish`: the device call ends after the round in which a row finishes (its
+  slot is refilled at once); without it the step runs all its rounds."""
+  b = ContinuousBatcher(target, None, slots=2, max_new_tokens=16, rounds_per_step=1)
+  short, long_, queued = (Request(prompt=PROMPTS[i], max_new_tokens=m, stop_tokens=[],
+                                  request_id=i) for i, m in ((0, 3), (1, 16), (2, 4)))
+  for r in (short, long_, queued):
+    b.submit(r)
+  b.step(max_rounds=16)  # a request waits: stops on the short one's finish
+  assert short.done and not long_.done and len(long_.tokens) == 3
+  b.step(max_rounds=16, stop_on_finish=False)  # runs to the end of the queued one and beyond
+  assert queued.done and long_.done
+  assert long_.tokens == _ref(target, None, 1, 16, 0.0)

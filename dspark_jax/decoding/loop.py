@@ -103,12 +103,19 @@ def ar_step(model, s: ARState, seed_key, params) -> ARState:
                  steps=s.steps + live)
 
 
-def ar_rounds(model, state: ARState, seed_key, params, num_steps) -> ARState:
-  """Up to `num_steps` decode steps (fewer once every row is done), on device."""
+def ar_rounds(model, state: ARState, seed_key, params, num_steps,
+              stop_on_finish=False) -> ARState:
+  """Up to `num_steps` decode steps (fewer once every row is done), on device.
+
+  `stop_on_finish` (bool, may be traced): also stop after the step in which a row finishes,
+  so a server can fill the freed slot at once instead of after `num_steps`.
+  """
+  done0 = jnp.sum(state.done)
 
   def cond(c):
     i, s = c
-    return (i < num_steps) & ~jnp.all(s.done)
+    return ((i < num_steps) & ~jnp.all(s.done)
+            & ~(jnp.asarray(stop_on_finish) & (jnp.sum(s.done) > done0)))
 
   def body(c):
     i, s = c

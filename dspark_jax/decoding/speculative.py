@@ -443,13 +443,17 @@ def _finish(runtime, draft, tmodel, s: SpecState, o: Outcome, proposed: Array,
 
 
 def spec_rounds(tmodel, draft, loop: LoopSpec, state: SpecState, seed_key, params, scheduler,
-                verify_cap: Array, num_rounds) -> SpecState:
-  """Up to `num_rounds` rounds (fewer once every row is done or its record is full)."""
+                verify_cap: Array, num_rounds, stop_on_finish=False) -> SpecState:
+  """Up to `num_rounds` rounds (fewer once every row is done or its record is full; with
+  `stop_on_finish`, a bool that may be traced, also after the round in which a row
+  finishes, so a server can fill the freed slot at once)."""
   limit = state.accept_lens.shape[1]
+  done0 = jnp.sum(state.done)
 
   def cond(c):
     i, s = c
-    return (i < num_rounds) & ~jnp.all(s.done | (s.steps >= limit))
+    return ((i < num_rounds) & ~jnp.all(s.done | (s.steps >= limit))
+            & ~(jnp.asarray(stop_on_finish) & (jnp.sum(s.done) > done0)))
 
   def body(c):
     i, s = c

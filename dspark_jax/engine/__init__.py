@@ -119,10 +119,11 @@ def _put_head(full, head, rows: int | None):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "rows"), donate_argnames=("state",))
-def _ar_rounds(graphdef, params, state, seed_key, sampling_params, num_steps, rows=None):
+def _ar_rounds(graphdef, params, state, seed_key, sampling_params, num_steps, stop_on_finish,
+               rows=None):
   loop_lib.count_trace("ar_rounds")
   head = loop_lib.ar_rounds(nnx.merge(graphdef, params), _head(state, rows), seed_key,
-                            _head(sampling_params, rows), num_steps)
+                            _head(sampling_params, rows), num_steps, stop_on_finish)
   return _put_head(state, head, rows)
 
 
@@ -139,11 +140,11 @@ def _spec_init(tgraph, tparams, dgraph, dparams, batch, cache, draft_state, seed
 @functools.partial(jax.jit, static_argnames=("tgraph", "dgraph", "loop", "rows"),
                    donate_argnames=("state",))
 def _spec_rounds(tgraph, tparams, dgraph, dparams, state, seed_key, params, scheduler,
-                 verify_cap, num_rounds, *, loop, rows=None):
+                 verify_cap, num_rounds, stop_on_finish, *, loop, rows=None):
   loop_lib.count_trace("spec_rounds")
   head = speculative.spec_rounds(nnx.merge(tgraph, tparams), nnx.merge(dgraph, dparams), loop,
                                  _head(state, rows), seed_key, _head(params, rows), scheduler,
-                                 _head(verify_cap, rows), num_rounds)
+                                 _head(verify_cap, rows), num_rounds, stop_on_finish)
   return _put_head(state, head, rows)
 
 
@@ -279,25 +280,27 @@ class Engine:
 
   def rounds(self, state, num_rounds: int, seed_key, params, *, draft=None,
              loop: speculative.LoopSpec | None = None, scheduler=None, verify_cap=None,
-             rows: int | None = None):
+             rows: int | None = None, stop_on_finish: bool = False):
     """Up to `num_rounds` rounds (decode steps when plain) of `state`, on device.
 
     `rows` (static): only the first `rows` rows run (the others keep their state), so a
     server with few live requests in its low slots does not pay for all of them; one
-    program per distinct value.
+    program per distinct value. `stop_on_finish` (an argument, not compiled in): return
+    after the round in which some row finishes, so its slot can be refilled at once.
     """
     t = self.target
     n = jnp.int32(num_rounds)
+    stop = jnp.asarray(bool(stop_on_finish))
     if rows is not None and rows >= next(x.shape[0] for x in jax.tree.leaves(state) if x.ndim):
       rows = None
     if loop is None:
-      return _ar_rounds(t.graphdef, t.params, state, seed_key, params, n, rows=rows)
+      return _ar_rounds(t.graphdef, t.params, state, seed_key, params, n, stop, rows=rows)
     d = draft
     b = state.anchor.shape[0]
     cap = jnp.asarray(verify_cap if verify_cap is not None
                       else np.full((b,), loop.num_draft, np.int32))
     return _spec_rounds(t.graphdef, t.params, d.graphdef, d.params, state, seed_key, params,
-                        scheduler, cap, n, loop=loop, rows=rows)
+                        scheduler, cap, n, stop, loop=loop, rows=rows)
 
   @staticmethod
   def insert(state, new, slots):

@@ -303,8 +303,15 @@ class ContinuousBatcher:
       return True
     return False
 
-  def step(self) -> list[Request]:
-    """Admits, runs up to `rounds_per_step` rounds, hands out tokens.
+  def step(self, max_rounds: int | None = None,
+           stop_on_finish: bool | None = None) -> list[Request]:
+    """Admits, runs up to `max_rounds` rounds (default `rounds_per_step`), hands out tokens.
+
+    The device call also returns as soon as a row finishes when `stop_on_finish` (default:
+    whenever requests are waiting for a slot), so a freed slot is refilled after one round,
+    not after the rest of the step. Offline jobs pass a large `max_rounds` with
+    `stop_on_finish=True`: one host round trip per finished request instead of one every
+    `rounds_per_step` rounds.
 
     Returns the requests that got new tokens or ended in this step.
     """
@@ -318,8 +325,15 @@ class ContinuousBatcher:
     # Only the slots up to the highest live one (bucketed) run: admissions fill the lowest
     # free slots, so at low load the live rows sit at the bottom.
     live = max(i for i, r in enumerate(self._rows) if r is not None)
-    self.state = self.engine.rounds(self.state, self.rounds_per_step, self.seed_key, params,
-                                    rows=min(bucket(live + 1, minimum=1), self.slots), **kw)
+    if stop_on_finish is None:
+      stop_on_finish = self.num_waiting > 0
+    rounds = max_rounds or self.rounds_per_step
+    if any(r is not None and r.stop_strings for r in self._rows):
+      # Stop strings are matched on the host: a long call would decode past them.
+      rounds = min(rounds, self.rounds_per_step)
+    self.state = self.engine.rounds(self.state, rounds, self.seed_key, params,
+                                    rows=min(bucket(live + 1, minimum=1), self.slots),
+                                    stop_on_finish=stop_on_finish, **kw)
     self.counters.steps += 1
     return self._harvest()
 
@@ -402,11 +416,11 @@ class ContinuousBatcher:
   # ---- convenience ------------------------------------------------------------------------
   def run(self, reqs: Sequence[Request], progress: Callable[[list[Request]], None] | None = None
           ) -> list[Request]:
-    """Submits `reqs` and steps until all have ended (what batch jobs use)."""
+    """Submits `reqs` and steps until all have ended (offline: see `step`)."""
     for r in reqs:
       self.submit(r)
     while not all(r.done for r in reqs):
-      touched = self.step()
+      touched = self.step(max_rounds=self.out_len, stop_on_finish=True)
       if progress is not None:
         progress(touched)
     return list(reqs)

@@ -196,7 +196,8 @@ def run_job(target, batcher: ContinuousBatcher, rows: Sequence[dict], *, max_new
     submit(queue.pop(0))
   try:
     while pending:
-      for req in batcher.step():
+      # Offline: one device call runs until some request finishes (see `step`).
+      for req in batcher.step(max_rounds=batcher.out_len, stop_on_finish=True):
         if not req.done:
           continue
         r = pending.pop(id(req))
