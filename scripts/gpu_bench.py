@@ -170,13 +170,12 @@ def op_micros(target, draft, b: int, repeats: int, impls, calls: int = 8,
   # (committed up to `cache_len - P - 1`) plus the block's own keys.
   cfg = target.config
   kh, hd, nh = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
-  s_len = cache_len
   q = jax.random.normal(k[2], (b, p + 1, nh, hd), dtype)
-  kc = jax.random.normal(k[3], (b, kh, hd, s_len), dtype)
-  vc = jax.random.normal(k[4], (b, kh, s_len, hd), dtype)
+  kc = jax.random.normal(k[3], (b, kh, hd, cache_len), dtype)
+  vc = jax.random.normal(k[4], (b, kh, cache_len, hd), dtype)
   kn = jax.random.normal(k[5], (b, kh, hd, p + 1), dtype)
   vn = jax.random.normal(k[6], (b, kh, p + 1, hd), dtype)
-  lens = jnp.full((b,), s_len - p - 1, jnp.int32)
+  lens = jnp.full((b,), cache_len - p - 1, jnp.int32)
   qpos = lens[:, None] + jnp.arange(p + 1, dtype=jnp.int32)[None]
 
   def verify_attention(qq, kc, vc, kn, vn, impl):

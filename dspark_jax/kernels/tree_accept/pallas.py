@@ -85,10 +85,7 @@ def _sampled_kernel(p_ref, q_ref, tok_ref, u_ref, noise_ref, n_ref, next_ref, le
     return _argmax_step(noise_ref[0, pl.ds(start, tile)] + log_weights(r), start, carry)
 
   _, tok = _tiles(v, tile, draw, _no_max())
-  depth = jnp.zeros((), jnp.int32)
-  for d in range(1, shape.num_draft + 1):
-    depth = depth + (cur >= off[d]).astype(jnp.int32)
-  n_ref[0] = depth
+  n_ref[0] = _depth_of(cur, shape)
   next_ref[0] = tok
   leaf_ref[0] = cur
 
