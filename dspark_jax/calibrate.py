@@ -242,6 +242,7 @@ def calibrate(target, draft, fit_prompts, eval_prompts, *, max_new_tokens: int =
   _log(f"fitting STS on {zf.shape[0]} rounds; reporting on {ze.shape[0]} held-out rounds",
        verbose)
   temps = calibration.fit_sts(zf, yf, valid=vf, grid=grid)
+  prior = calibration.prior_confidence(yf, vf)
   before = calibration.calibration_report(ze, ye, None, valid=ve)
   after = calibration.calibration_report(ze, ye, temps, valid=ve)
   g = calibration.DEFAULT_STS_GRID if grid is None else np.unique(np.asarray(grid, np.float64))
@@ -253,12 +254,14 @@ def calibrate(target, draft, fit_prompts, eval_prompts, *, max_new_tokens: int =
       temperature=float(temperature), seed=int(seed), num_positions=int(zf.shape[1]),
       grid={"min": float(g[0]), "max": float(g[-1]), "size": int(g.size)},
       scheduler="fixed", labels="prefix bits of fixed-length rounds, cut at the first stop token")
-  out = {"temperatures": [float(t) for t in temps], "before": before, "after": after,
+  out = {"temperatures": [float(t) for t in temps], "prior": [float(c) for c in prior],
+         "before": before, "after": after,
          "fit_after": calibration.calibration_report(zf, yf, temps, valid=vf),
          "fitted_on": record, "files": {}}
   if out_dir is not None:
     out["files"]["sts"] = sts_lib.write_sts(out_dir, temps, report_before=before,
-                                            report_after=after, data=record)
+                                            report_after=after, data=record,
+                                            prior=prior)
     png = os.path.join(os.fspath(out_dir), RELIABILITY_FILE)
     try:
       calibration.reliability_diagram(ze, ye, temps, png, valid=ve)
@@ -282,11 +285,13 @@ def format_table(result: dict) -> str:
   b, a = result["before"], result["after"]
   lines = ["held-out split: cumulative confidence vs realised prefix acceptance",
            f"{'pos':>3}  {'T':>5}  {'ECE raw -> STS':>16}  {'AUROC raw / STS':>15}  "
-           f"{'Brier raw -> STS':>16}  {'rounds':>6}"]
+           f"{'Brier raw -> STS':>16}  {'rounds':>6}  {'prior':>5}"]
+  prior = result.get("prior") or [float("nan")] * len(result["temperatures"])
   for k, t in enumerate(result["temperatures"]):
     lines.append(f"{k + 1:>3}  {t:5.2f}  {_pct(b['ece'][k]):>7} -> {_pct(a['ece'][k]):>6}  "
                  f"{_num(b['auroc'][k]):>6} / {_num(a['auroc'][k]):>6}  "
-                 f"{_num(b['brier'][k]):>7} -> {_num(a['brier'][k]):>6}  {a['count'][k]:>6}")
+                 f"{_num(b['brier'][k]):>7} -> {_num(a['brier'][k]):>6}  {a['count'][k]:>6}  "
+                 f"{_num(prior[k]):>5}")
   sb, sa = b["summary"], a["summary"]
   lines.append(f"{'all':>3}  {'':>5}  {_pct(sb['ece']):>7} -> {_pct(sa['ece']):>6}  "
                f"{_num(sb['auroc']):>6} / {_num(sa['auroc']):>6}  "

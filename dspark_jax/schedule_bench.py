@@ -78,12 +78,13 @@ def _prompts(tokenizer, path: str, n: int, max_tokens: int) -> list[list[int]]:
   return [out[i % len(out)] for i in range(n)] if out else []
 
 
-def _scheduler(policy: str, prof: dict, threshold: float, temps):
+def _scheduler(policy: str, prof: dict, threshold: float, temps, prior=None):
   from dspark_jax.scheduling import Scheduler
   if policy == "fixed":
     return "fixed"
   kw = dict(sps=np.asarray(prof["sps"]), propose_cost=prof["propose_s"],
-            temperatures=None if temps is None else np.asarray(temps))
+            temperatures=None if temps is None else np.asarray(temps),
+            prior=None if prior is None else np.asarray(prior))
   if policy == "threshold":
     return Scheduler(policy="threshold", threshold=threshold, **kw)
   return Scheduler(policy=policy, **kw)
@@ -96,7 +97,7 @@ def pack_rollouts(rollouts) -> dict:
           "accepted": np.concatenate([a for _, a in rollouts]), "offsets": offsets}
 
 
-def load_model(rollouts, profiles: dict, concurrency: list[int], temps) -> dict:
+def load_model(rollouts, profiles: dict, concurrency: list[int], temps, prior=None) -> dict:
   """Verify budget and tokens/s vs concurrency for AR / fixed / early stop (`scheduling.load`)."""
   from dspark_jax.scheduling import load
   sizes = sorted(int(b) for b in profiles)
@@ -112,7 +113,8 @@ def load_model(rollouts, profiles: dict, concurrency: list[int], temps) -> dict:
     out["profile_batch"].append(fits[0])
     for pol in load.LOAD_POLICIES:
       res = load.simulate(rollouts, np.asarray(prof["sps"]), prof["propose_s"], r, policy=pol,
-                          temperatures=None if temps is None else np.asarray(temps))
+                          temperatures=None if temps is None else np.asarray(temps),
+                          prior=None if prior is None else np.asarray(prior))
       out["policies"].setdefault(pol, []).append(res)
   return out
 
@@ -230,11 +232,11 @@ def merge_load(paths: list[str], out: str, concurrency: str, overwrite: bool) ->
     off = packed["offsets"]
     rollouts += [(packed["conf"][a:b], packed["accepted"][a:b]) for a, b in zip(off, off[1:])]
     profiles.update(run["profiles"])
-  temps = runs[0].get("sts_temperatures")
+  temps, prior = runs[0].get("sts_temperatures"), runs[0].get("sts_prior")
   results = {"merged_from": paths, "policies": runs[0]["policies"], "profiles": profiles,
              "batches": {bs: r for run in runs for bs, r in run["batches"].items()}}
   results["load"] = load_model(rollouts, profiles,
-                               [int(c) for c in concurrency.split(",") if c], temps)
+                               [int(c) for c in concurrency.split(",") if c], temps, prior)
   results["table"] = load_markdown(results["load"])
   cli.write_json(out, results, table=results["table"])
   plot_load(results, base + ".png")
@@ -283,11 +285,12 @@ def main(argv=None) -> dict:
     raise SystemExit(f"error: --repeats needs one value >= 1 or one per batch size, got "
                      f"{args.repeats!r}")
   policies = [p for p in args.policies.split(",") if p]
-  temps = draft.config.sts_temperatures
+  temps, prior = draft.config.sts_temperatures, draft.config.sts_prior
   results = {"target": args.target, "draft": args.draft, "draft_vocab": args.draft_vocab,
              "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
              "setting": f"greedy, float32, {args.max_new_tokens} new tokens/row",
              "sts_temperatures": None if temps is None else [float(t) for t in temps],
+             "sts_prior": None if prior is None else [float(c) for c in prior],
              "policies": policies, "sts": temps is not None,
              "args": vars(args), "batches": {}, "profiles": {}}
   kw = dict(max_new_tokens=args.max_new_tokens, temperature=0.0, stop_tokens=[])
@@ -297,7 +300,7 @@ def main(argv=None) -> dict:
   for bs, reps in zip(sizes, repeats):
     prof = profile.sps_profile(target, draft, batch=bs, measure=True)
     results["profiles"][str(bs)] = prof
-    scheds = {p: _scheduler(p, prof, args.threshold, temps) for p in policies}
+    scheds = {p: _scheduler(p, prof, args.threshold, temps, prior) for p in policies}
     per_set = {}
     for path in files:
       name = os.path.basename(path)[:-6]
@@ -344,7 +347,7 @@ def main(argv=None) -> dict:
   load_png = os.path.splitext(args.out)[0] + "_load.png"
   if rollouts and args.load_concurrency:
     conc = [int(c) for c in args.load_concurrency.split(",") if c]
-    results["load"] = load_model(rollouts, results["profiles"], conc, temps)
+    results["load"] = load_model(rollouts, results["profiles"], conc, temps, prior)
     results["table"] += "\n\n" + load_markdown(results["load"])
     plot_load(results, load_png)
     np.savez_compressed(os.path.splitext(args.out)[0] + "_rollouts.npz",

@@ -11,7 +11,7 @@ from dspark_jax import calibrate as calib
 from dspark_jax import testing
 from dspark_jax.drafts import api as draft_api
 from dspark_jax.drafts import sts as sts_lib
-from dspark_jax.scheduling import calibration_report
+from dspark_jax.scheduling import calibration_report, prior_confidence
 
 P = 4
 NEW = 16
@@ -153,6 +153,24 @@ def test_sts_json_round_trip(tmp_path):
                       data={})
   with pytest.raises(ValueError, match="entries"):
     sts_lib.write_sts(tmp_path, [1.0, 1.0], report_before=before, report_after=after, data={})
+  # The prior: optional (older files have none), P confidences in [0, 1].
+  assert sts_lib.read_sts_prior(tmp_path) is None
+  sts_lib.write_sts(tmp_path, temps, report_before=before, report_after=after, data={},
+                    prior=[0.5, 0.25, 1.0])
+  assert sts_lib.read_sts_prior(tmp_path) == (0.5, 0.25, 1.0)
+  with pytest.raises(ValueError, match="3 confidences"):
+    sts_lib.write_sts(tmp_path, temps, report_before=before, report_after=after, data={},
+                      prior=[0.5])
+  (tmp_path / "sts.json").write_text('{"temperatures": [1.0], "prior": [1.5]}')
+  with pytest.raises(ValueError, match="lie in"):
+    sts_lib.read_sts_prior(tmp_path)
+
+
+def test_prior_confidence_is_conditional_acceptance():
+  y = np.array([[1, 1, 0], [1, 0, 0], [0, 0, 0], [1, 1, 1]], bool)
+  np.testing.assert_allclose(prior_confidence(y), [3 / 4, 2 / 3, 1 / 2])
+  valid = np.array([[1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 0]], bool)  # row 4 cut at position 3
+  np.testing.assert_allclose(prior_confidence(y, valid), [3 / 4, 2 / 3, 0.0])
 
 
 @pytest.mark.parametrize("text,match", [
@@ -191,6 +209,8 @@ def test_calibrate_end_to_end(target, draft, tmp_path):
   assert out["fitted_on"]["prompts"] == "token ids"
   assert out["fitted_on"]["num_fit_prompts"] == 8 and out["fitted_on"]["eval_rounds"] > 0
   assert sts_lib.read_sts(tmp_path) == tuple(temps)
+  assert len(out["prior"]) == P and all(0 <= c <= 1 for c in out["prior"])
+  assert sts_lib.read_sts_prior(tmp_path) == pytest.approx(tuple(out["prior"]))
   obj = json.loads((tmp_path / "sts.json").read_text())
   assert obj["ece_after"] == pytest.approx(out["after"]["ece"], nan_ok=True)
   png = tmp_path / calib.RELIABILITY_FILE
@@ -244,6 +264,9 @@ def test_cli_end_to_end(tmp_path, capsys):
   assert out["fitted_on"]["num_fit_prompts"] == 3 and out["fitted_on"]["num_eval_prompts"] == 3
   assert out["fitted_on"]["prompts"] == str(prompts) and out["fitted_on"]["draft"] == draft_dir
   assert sts_lib.read_sts(draft_dir) == tuple(out["temperatures"])  # default: the draft dir
+  loaded = dj.load_draft(draft_dir, tiny)  # the scheduler's temperatures and prior
+  assert loaded.config.sts_temperatures == tuple(out["temperatures"])
+  assert loaded.config.sts_prior == pytest.approx(tuple(out["prior"]))
   assert os.path.exists(os.path.join(draft_dir, calib.RELIABILITY_FILE))
   captured = capsys.readouterr()
   assert "ECE raw -> STS" in captured.out and len(captured.out.splitlines()) == 3 + 3

@@ -85,6 +85,9 @@ def test_exact_filter_does_not_depend_on_candidates(ties, candidates):
   nucleus = sampling.SamplingParams.make(1.0, top_p=0.9)
   _same(sampling.processed_logits(x, nucleus, candidates=candidates),
         sampling.processed_logits(x, nucleus, candidates=V))
+  # [B, P+1, V] blocks: the undecided rows are gathered across both leading axes.
+  _same(sampling.processed_logits(x.reshape(8, 8, -1), nucleus, candidates=candidates),
+        np.asarray(sampling.processed_logits(x, nucleus, candidates=V)).reshape(8, 8, -1))
   one = sampling.SamplingParams.make(1.0, top_k=3, top_p=0.9)
   _same(sampling.processed_logits(x[:1], one, candidates=candidates),
         sampling.processed_logits(x[:1], one, candidates=V))
@@ -123,3 +126,20 @@ def test_matches_transformers_warpers(top_k, top_p):
     got = np.asarray(sampling.processed_logits(x, params, candidates=candidates))
     np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
     np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], rtol=1e-6)
+
+
+def test_sample_with_probs_is_sample_and_probabilities():
+  """The draft keeps the distribution it drew from; it must be the one acceptance would
+  recompute, and the token the one `sample` draws (greedy rows included)."""
+  x = _rows(64)
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(64))
+  for params in (_params(64), sampling.SamplingParams.make(1.0, top_p=0.9),
+                 sampling.SamplingParams.make(0.0)):
+    for exact in (True, False):
+      tok, probs = sampling.sample_with_probs(keys, x, params, exact=exact)
+      np.testing.assert_array_equal(tok, sampling.sample(keys, x, params, exact=exact))
+      if params.greedy:
+        assert probs is None
+      else:
+        np.testing.assert_allclose(probs, sampling.probabilities(x, params, exact=exact),
+                                   rtol=1e-6, atol=1e-7)

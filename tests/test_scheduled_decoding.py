@@ -246,3 +246,19 @@ def test_probes_back_off_while_the_draft_does_not_pay(target):
   # The first round probes (level 0 -> 1); then 4, 8, 8, ... plain rounds between probes.
   assert [i for i, f in enumerate(flags) if f] == [i for i in (0, 5, 14, 23, 32)
                                                    if i < len(flags)]
+
+
+def test_a_prior_replaces_the_first_probe(target):
+  """With the draft's calibration prior, a loop that has not proposed yet judges rows without a
+  block by the prior: one that does not pay waits the longest probe gap before its first probe
+  (2 * 2**2 = 8 rounds), one that pays proposes in the first round. Output stays plain greedy."""
+  ref = dj.generate(target, PROMPTS[:1], max_new_tokens=24, stop_tokens=[])
+  kw = dict(policy="early_stop", sps=_sps(P + 1), probe_every=2, max_probe_level=2)
+  for prior, cost, want in ((np.zeros(P), 1e9, [8, 17]), (np.ones(P), 0.0, [0])):
+    res = dj.generate(target, PROMPTS[:1], draft=_draft(target), max_new_tokens=24,
+                      stop_tokens=[], scheduler=Scheduler(prior=prior, propose_cost=cost, **kw))
+    assert res.tokens == ref.tokens
+    flags = [i for i, f in enumerate(res.stats.proposed[0]) if f]
+    assert flags[:len(want)] == want, flags
+  with pytest.raises(ValueError, match="prior"):
+    Scheduler(prior=[0.5, 2.0], **kw)

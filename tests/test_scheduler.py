@@ -376,5 +376,11 @@ def test_load_model_policies():
   assert all(a >= b for a, b in zip(budgets, budgets[1:])) and budgets[0] > budgets[-1]
   never = load.simulate(trajs, sps, 1e6, 2, policy="early_stop", rounds=100)
   assert never["proposed_share"] < 0.1  # backed-off probes only
+  # A prior that does not pay: the first probe waits the longest gap (8 * 2**3 = 64 rounds),
+  # then one every 65; a prior that pays proposes from the first round on.
+  quiet = load.simulate(trajs, sps, 1e6, 2, policy="early_stop", rounds=100, prior=np.zeros(p))
+  assert quiet["proposed_share"] == pytest.approx(1 / 100)
+  eager = load.simulate(trajs, sps, 0.0, 2, policy="early_stop", rounds=1, prior=np.ones(p))
+  assert eager["proposed_share"] == 1.0
   with pytest.raises(ValueError, match="does not cover"):
     load.simulate(trajs, sps[:5], 0.1, 2, policy="fixed")

@@ -98,6 +98,9 @@ class SamplingParams:
 # sort's cut.
 # Read when a function is traced.
 CANDIDATES = 256
+# Rows bisected at once when the candidates do not decide a cut: only those rows are
+# gathered (usually a few of the B * (P + 1) a verify filters), in groups of this size.
+FALLBACK_ROWS = 8
 
 
 def processed_logits(logits: Array, params: SamplingParams, *, exact: bool = True,
@@ -131,8 +134,38 @@ def processed_logits(logits: Array, params: SamplingParams, *, exact: bool = Tru
   fast, covered, kth = _filter(x, jax.lax.top_k(x, c)[0], k, top_p)
   if not exact:
     return fast
-  # The fallback reuses the k-th values the candidates know (top-p alone bisects once).
-  return jax.lax.cond(jnp.all(covered), lambda: fast, lambda: _bisect_filter(x, k, top_p, kth))
+  return _refine_uncovered(x, fast, covered, k, top_p, kth)
+
+
+def _refine_uncovered(x: Array, fast: Array, covered: Array, k: Array, top_p: Array,
+                      kth: Array) -> Array:
+  """`fast` with every row the candidates did not decide replaced by `_bisect_filter`'s.
+
+  Those rows are gathered `FALLBACK_ROWS` at a time in a while loop (none: no iteration),
+  so the bisection's 32 passes over V run on them only, not on every row. The fallback
+  reuses the k-th values the candidates know (top-p alone bisects once).
+
+  Args:
+    x: `[..., V]` tempered logits; fast: `_filter`'s result; covered / k / top_p / kth:
+      `[..., 1]`.
+  """
+  shape = x.shape
+  v = shape[-1]
+  flat = lambda a: a.reshape(-1, a.shape[-1])
+  xf, kf, pf, kthf = flat(x), flat(k), flat(top_p), flat(kth)
+  rows = xf.shape[0]
+  group = min(rows, FALLBACK_ROWS)
+
+  def body(carry):
+    out, todo = carry
+    idx = jnp.nonzero(todo, size=group, fill_value=rows)[0]  # rows beyond R: dropped
+    take = jnp.minimum(idx, rows - 1)
+    sub = _bisect_filter(xf[take], kf[take], pf[take], kthf[take])
+    return out.at[idx].set(sub, mode="drop"), todo.at[idx].set(False, mode="drop")
+
+  out, _ = jax.lax.while_loop(lambda c: jnp.any(c[1]), body,
+                              (flat(fast), ~covered.reshape(-1)))
+  return out.reshape(shape[:-1] + (v,))
 
 
 def _order_key(x: Array) -> Array:
@@ -248,6 +281,27 @@ def sample(keys: Array, logits: Array, params: SamplingParams, *, exact: bool = 
   if greedy is None:
     return tok
   return jnp.where(greedy[:, 0], jnp.argmax(logits, axis=-1).astype(jnp.int32), tok)
+
+
+def sample_with_probs(keys: Array, logits: Array, params: SamplingParams, *,
+                      exact: bool = True) -> tuple[Array, Array | None]:
+  """`sample` plus the distribution it drew from (`probabilities`, computed once): a
+  draft keeps it for the acceptance test instead of filtering its logits again.
+
+  Returns:
+    (int32 `[B]`, float32 `[B, V]` probabilities, or None when greedy).
+  """
+  if params.greedy:
+    return sample(keys, logits, params, exact=exact), None
+  x = processed_logits(logits, params, exact=exact)
+  tok = jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+  probs = jax.nn.softmax(x, axis=-1)
+  greedy = params.greedy_rows(logits)
+  if greedy is None:
+    return tok, probs
+  best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  one_hot = jax.nn.one_hot(best, logits.shape[-1], dtype=jnp.float32)
+  return jnp.where(greedy[:, 0], best, tok), jnp.where(greedy, one_hot, probs)
 
 
 def sample_from_probs(keys: Array, probs: Array) -> Array:

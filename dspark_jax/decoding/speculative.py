@@ -41,6 +41,7 @@ from dspark_jax.decoding import sampling
 from dspark_jax.decoding.cache import KVCache
 from dspark_jax.decoding.loop import count_trace, first_token, prefill
 from dspark_jax.decoding.state import Batch, Pack, Proposal, Rows, SpecState, TreeProposal
+from dspark_jax.scheduling.scheduler import NEVER_PROPOSED
 from dspark_jax.typing import Array
 from dspark_jax.kernels import prefix_accept as accept_kernels
 from dspark_jax.kernels import tree_accept as tree_kernels
@@ -174,7 +175,8 @@ def accept(target_logits: Array, proposal: Proposal, verify_len: Array, keys_acc
     return n_acc, best[rows, n_acc]
 
   pt = sampling.probabilities(target_logits, params)  # [B, P+1, V]
-  qd = sampling.probabilities(proposal.logits, params, exact=False)  # [B, P, V], as drafted
+  qd = (proposal.probs if proposal.probs is not None  # [B, P, V], as drafted
+        else sampling.probabilities(proposal.logits, params, exact=False))
   p_x = jnp.take_along_axis(pt[:, :p], drafts[..., None], axis=-1)[..., 0]
   q_x = jnp.take_along_axis(qd, drafts[..., None], axis=-1)[..., 0]
   u = jax.vmap(lambda k: jax.random.uniform(k, (p,)))(keys_accept)
@@ -281,9 +283,20 @@ def spec_init(tmodel, draft, loop: LoopSpec, batch: Batch, cache: KVCache, draft
       num_out=jnp.ones((b,), jnp.int32), done=done, steps=jnp.zeros((b,), jnp.int32),
       accept_lens=zeros_r, verify_lens=zeros_r, proposed=jnp.zeros((b, max_rounds), bool),
       confidence=jnp.zeros((b, max_rounds, p), jnp.float32),
-      stale=jnp.full((b, p), -jnp.inf, jnp.float32), since_probe=jnp.int32(1 << 20),
+      stale=jnp.full((b, p), -jnp.inf, jnp.float32), since_probe=jnp.int32(NEVER_PROPOSED),
       probe_level=jnp.int32(0),
       pos_hits=jnp.zeros((b, p), jnp.int32), pos_tries=jnp.zeros((b, p), jnp.int32))
+
+
+def _run_if(pred: Array, fn, s):
+  """`fn(s)` if `pred` else `s`, as a while loop of zero or one trips.
+
+  A `lax.cond` copies every buffer a branch updates in place (twice per round inside the
+  decode loop); a while loop's carry is updated in place, so each kind of round can write
+  its own K/V at its own width.
+  """
+  return jax.lax.while_loop(lambda c: c[0], lambda c: (jnp.asarray(False), fn(c[1])),
+                            (pred, s))[1]
 
 
 def spec_round(tmodel, draft, loop: LoopSpec, s: SpecState, seed_key, params, scheduler,
@@ -291,9 +304,10 @@ def spec_round(tmodel, draft, loop: LoopSpec, s: SpecState, seed_key, params, sc
   """One round for every live row: a draft-verify round, or a plain decode step when the
   scheduler's estimate from past rounds says the draft does not pay.
 
-  The two kinds of round (and the verify budgets inside a draft round) are device-side
-  branches that only read the caches; what they produce (new K/V, the accepted tokens) is
-  written after them, once (see `PendingKV`).
+  The verify budgets inside a draft round are device-side branches that only read the
+  caches; what they produce (new K/V, the accepted tokens) is written after them, once (see
+  `PendingKV`). The choice between the two kinds of round is made by `_run_if`, so each
+  writes in place at its own width.
   """
   runtime, p = loop.runtime, loop.num_draft
   live = ~s.done
@@ -307,21 +321,22 @@ def spec_round(tmodel, draft, loop: LoopSpec, s: SpecState, seed_key, params, sc
   # Runtimes that can compute their context update without writing it (`context_pending`)
   # do so inside the branch, on just the tokens the round verified.
   deferred = hasattr(runtime, "context_pending")
-  context_pending = lambda t: (runtime.context_pending(draft, t, s.cache.lengths) if deferred
-                               else None)
 
-  def propose():
+  def context_pending(s, t):
+    return runtime.context_pending(draft, t, s.cache.lengths) if deferred else None
+
+  def propose(s):
     return runtime.propose(draft, tmodel, s.draft_state, s.anchor, s.cache.lengths, k_draft,
                            params, p)
 
   if loop.tree is not None:  # the whole tree is verified: nothing to schedule
     return _finish(runtime, draft, tmodel, s,
                    tree_round(tmodel, draft, loop, s, k_draft, k_acc, k_samp, params, taps,
-                              context_pending),
+                              functools.partial(context_pending, s)),
                    jnp.asarray(True), s.probe_level)
 
-  def draft_round():
-    prop = propose()
+  def draft_round(s):
+    prop = propose(s)
     ell = schedule(scheduler, prop, s.stale, live, verify_cap)
     if loop.budgets:
       t_logits, v_taps, pending = verify_packed(tmodel, s.cache, s.anchor, prop.tokens, ell,
@@ -332,32 +347,36 @@ def spec_round(tmodel, draft, loop: LoopSpec, s: SpecState, seed_key, params, sc
     conf = (prop.confidence if prop.confidence is not None
             else jnp.zeros(prop.tokens.shape, jnp.float32))
     return Outcome(pending, v_taps, prop.tokens, n_acc, nxt, ell, conf,
-                   context_pending(v_taps))
+                   context_pending(s, v_taps))
 
-  shapes = jax.eval_shape(propose)
-  if scheduler is None or shapes.confidence is None:  # nothing to judge a skip by
-    return _finish(runtime, draft, tmodel, s, draft_round(), jnp.asarray(True), s.probe_level)
+  has_conf = jax.eval_shape(propose, s).confidence is not None
+  if scheduler is None or not has_conf:  # nothing to judge a skip by
+    return _finish(runtime, draft, tmodel, s, draft_round(s), jnp.asarray(True), s.probe_level)
 
-  def plain_round():
+  def plain_round(s):
     # Exactly what a round verifying l = 0 drafts computes (the bonus token from p_0),
-    # without the block's width: one target token per row.
-    logits, v_taps, pending = verify(tmodel, s.cache, s.anchor, jnp.zeros((b, 0), jnp.int32),
-                                     taps, live)
+    # without the block's width: one target token per row, written before it attends, as
+    # in the plain decode loop (inside `_run_if` the write is in place).
+    fwd = tmodel(s.anchor[:, None], s.cache.lengths[:, None], cache=s.cache, taps=taps,
+                 write_mask=live)
     if params.greedy:
-      nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+      nxt = jnp.argmax(fwd.logits[:, 0], axis=-1).astype(jnp.int32)
     else:
-      nxt = sampling.sample_from_probs(k_samp, sampling.probabilities(logits, params)[:, 0])
+      nxt = sampling.sample_from_probs(k_samp, sampling.probabilities(fwd.logits, params)[:, 0])
     zeros = jnp.zeros((b,), jnp.int32)
-    ctx = context_pending(v_taps)
-    v_taps = None if v_taps is None else jnp.pad(v_taps, ((0, 0), (0, p), (0, 0)))
-    return Outcome(pending.pad(p + 1), v_taps, jnp.zeros((b, p), jnp.int32), zeros, nxt, zeros,
-                   jnp.zeros(shapes.confidence.shape, jnp.float32),
-                   None if ctx is None else ctx.pad(p + 1))
+    v_taps = fwd.taps
+    ctx = context_pending(s, v_taps)
+    if ctx is None and v_taps is not None:  # `runtime.commit` reads taps at the block's width
+      v_taps = jnp.pad(v_taps, ((0, 0), (0, p), (0, 0)))
+    return Outcome(None, v_taps, jnp.zeros((b, p), jnp.int32), zeros, nxt, zeros,
+                   jnp.zeros((b, p), jnp.float32), ctx, cache=fwd.cache)
 
   # Decided from past rounds only (the stale block), so it never looks at this round.
   do_propose, level = scheduler.wants_proposal(s.stale, live, s.since_probe, s.probe_level)
-  outcome = jax.lax.cond(do_propose, draft_round, plain_round)
-  return _finish(runtime, draft, tmodel, s, outcome, do_propose, level)
+  s = _run_if(do_propose, lambda s: _finish(runtime, draft, tmodel, s, draft_round(s),
+                                            jnp.asarray(True), level), s)
+  return _run_if(~do_propose, lambda s: _finish(runtime, draft, tmodel, s, plain_round(s),
+                                                jnp.asarray(False), level), s)
 
 
 def tree_round(tmodel, draft, loop: LoopSpec, s: SpecState, k_draft, k_acc, k_samp, params,
@@ -390,8 +409,9 @@ class Outcome:
     drafts: int32 `[B, P]` proposed tokens (zeros in a plain step).
     n_acc: int32 `[B]` accepted drafts; nxt: int32 `[B]` the token sampled after them.
     ell: int32 `[B]` drafts verified; conf: float32 `[B, P]` raw confidence logits.
-    context: the draft's context update (`PendingKV`, width P+1) for runtimes with
+    context: the draft's context update (`PendingKV`) for runtimes with
       `context_pending`, else None (their `commit` runs on `taps` after the branch).
+    cache: the target cache with the round's K/V already written (then `pending` is None).
   """
 
   pending: Any
@@ -402,6 +422,7 @@ class Outcome:
   ell: Array
   conf: Array
   context: Any = None
+  cache: Any = None
 
 
 def _finish(runtime, draft, tmodel, s: SpecState, o: Outcome, proposed: Array,
@@ -415,7 +436,8 @@ def _finish(runtime, draft, tmodel, s: SpecState, o: Outcome, proposed: Array,
   out, num_out, done, _ = commit_lib.advance(s.out, s.num_out, s.done, tokens, n_commit,
                                              hit_stop, s.rows.max_new)
   new_len = s.cache.lengths + jnp.where(live, o.n_acc + 1, 0)
-  cache = s.cache.write_pending(o.pending.masked(live)).commit(new_len)
+  cache = o.cache if o.pending is None else s.cache.write_pending(o.pending.masked(live))
+  cache = cache.commit(new_len)
   if o.context is not None:
     dstate = runtime.commit_pending(s.draft_state, o.context.masked(live), new_len)
   else:

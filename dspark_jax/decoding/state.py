@@ -62,11 +62,16 @@ class Proposal:
       head, before temperature/top-k/top-p, which `sampling` applies identically to both
       models).
     confidence: float32 `[B, P]` confidence logits (sigmoid -> P(accept | prefix)), or None.
+    probs: float32 `[B, P, V]` the sampling distributions the tokens were drawn from
+      (`sampling.probabilities(logits, params, exact=False)`, kept from the draw so the
+      acceptance test need not filter the logits again), or None (greedy, or a drafter
+      that does not keep them).
   """
 
   tokens: Array
   logits: Array
   confidence: Array | None
+  probs: Array | None = None
 
 
 @jax.tree_util.register_dataclass

@@ -39,7 +39,7 @@ _DRAFT_FIELDS = ("block_size", "mask_token_id", "target_layer_ids", "num_anchors
                  "markov_head_type", "num_target_layers", "ttt_length", "step_loss_decay",
                  "draft_num_hidden_layers", "target_model_name_or_path", "target_model_type",
                  "target_text_model_type", "dflash_layout", "sts_temperatures",
-                 "draft_vocab_size")
+                 "sts_prior", "draft_vocab_size")
 
 
 def _text_config(hf: dict) -> dict:
@@ -85,6 +85,7 @@ def config_from_json(cfg: dict) -> DraftConfig:
     block = int(cfg["block_size"])
   rank = int(cfg.get("markov_rank", 0) or 0) if algorithm == "dspark" else 0
   sts = cfg.get("sts_temperatures")
+  prior = cfg.get("sts_prior")
   return DraftConfig(
       algorithm=algorithm, block_size=block, target_layer_ids=tuple(cfg["target_layer_ids"]),
       layer=layer, mask_token_id=int(cfg.get("mask_token_id", 0) or 0), markov_rank=rank,
@@ -93,6 +94,7 @@ def config_from_json(cfg: dict) -> DraftConfig:
       confidence_with_markov=bool(cfg.get("confidence_head_with_markov", True)),
       anchor_first=cfg.get("dflash_layout", "anchor_first") != "original",
       sts_temperatures=tuple(sts) if sts else None,
+      sts_prior=tuple(float(c) for c in prior) if prior else None,
       draft_vocab_size=int(cfg.get("draft_vocab_size", 0) or 0))
 
 
@@ -134,6 +136,8 @@ def config_to_json(draft: Draft, target_hf: dict, target_cfg: ModelConfig | None
       cfg["dflash_layout"] = "original"
   if d.sts_temperatures is not None:
     cfg["sts_temperatures"] = list(d.sts_temperatures)
+  if d.sts_prior is not None:
+    cfg["sts_prior"] = list(d.sts_prior)
   if d.draft_vocab_size:  # the ids themselves are the `draft_vocab` tensor
     cfg["draft_vocab_size"] = d.draft_vocab_size
   return cfg
@@ -231,7 +235,11 @@ def load_draft(path: str | os.PathLike, target, *, dtype=None, mesh=None) -> Dra
     if len(temps) != dcfg.block_size:
       raise DraftConfigError(f"{sts_lib.sts_path(path)} has {len(temps)} temperatures; the "
                              f"draft's block_size is {dcfg.block_size}")
-    dcfg = dataclasses.replace(dcfg, sts_temperatures=temps)
+    prior = sts_lib.read_sts_prior(path)
+    if prior is not None and len(prior) != dcfg.block_size:
+      raise DraftConfigError(f"{sts_lib.sts_path(path)} has {len(prior)} prior confidences; "
+                             f"the draft's block_size is {dcfg.block_size}")
+    dcfg = dataclasses.replace(dcfg, sts_temperatures=temps, sts_prior=prior)
   dcfg.check_target(target.config)
   ntl = cfg.get("num_target_layers")
   if ntl is not None and int(ntl) != target.config.num_layers:

@@ -30,6 +30,8 @@ class DraftConfig:
     anchor_first: DSpark/DeepSpec layout (anchor is the first prediction slot); False is the
       original DFlash layout (anchor + P mask slots, predictions at the masks).
     sts_temperatures: per-position STS temperatures for the confidence logits, or None.
+    sts_prior: per-position mean conditional acceptance on the calibration rollouts (the
+      scheduler's estimate for a request that has no proposed block yet), or None.
     draft_vocab_size: N > 0 restricts proposals to N target tokens (the module's
       `draft_vocab` ids, saved as the `draft_vocab` tensor of the checkpoint): the draft's LM
       head and sampler run over N instead of V columns and q = 0 outside them, which exact
@@ -48,6 +50,7 @@ class DraftConfig:
   anchor_first: bool = True
   sts_temperatures: tuple[float, ...] | None = None
   draft_vocab_size: int = 0
+  sts_prior: tuple[float, ...] | None = None
 
   def __post_init__(self):
     if self.algorithm not in ALGORITHMS:
@@ -70,6 +73,9 @@ class DraftConfig:
                              f"{self.draft_vocab_size}")
     if self.sts_temperatures is not None and len(self.sts_temperatures) != self.block_size:
       raise DraftConfigError(f"sts_temperatures needs {self.block_size} entries")
+    if self.sts_prior is not None and (len(self.sts_prior) != self.block_size or
+                                       not all(0.0 <= c <= 1.0 for c in self.sts_prior)):
+      raise DraftConfigError(f"sts_prior needs {self.block_size} confidences in [0, 1]")
 
   @property
   def num_layers(self) -> int:

@@ -23,12 +23,13 @@ def position_keys(keys: Array, k) -> Array:
   return jax.vmap(lambda key: jax.random.fold_in(key, k))(keys)
 
 
-def to_target_vocab(logits: Array, vocab_ids: Array | None, vocab_size: int) -> Array:
+def to_target_vocab(logits: Array, vocab_ids: Array | None, vocab_size: int,
+                    fill: float = -jnp.inf) -> Array:
   """Draft-vocabulary logits `[..., N]` -> target-vocabulary logits `[..., V]` (-inf outside:
-  q = 0 there, which exact rejection sampling handles)."""
+  q = 0 there, which exact rejection sampling handles; `fill=0` for probabilities)."""
   if vocab_ids is None:
     return logits
-  full = jnp.full(logits.shape[:-1] + (vocab_size,), -jnp.inf, logits.dtype)
+  full = jnp.full(logits.shape[:-1] + (vocab_size,), fill, logits.dtype)
   return full.at[..., vocab_ids].set(logits)
 
 
@@ -62,21 +63,23 @@ def sequential_sample(markov_head, confidence_head, with_markov: bool, base: Arr
     u_k, h_k, k = xs
     bias, e, st = markov_head.step(h_k, prev, st, vocab_ids)
     z = u_k + bias
-    tok = sampling.sample(position_keys(keys, k), z, params, exact=False)
+    tok, probs = sampling.sample_with_probs(position_keys(keys, k), z, params, exact=False)
     if vocab_ids is not None:
       tok = vocab_ids[tok]
     conf = (confidence_head(h_k, e if with_markov else None) if confidence_head is not None
             else jnp.zeros((b,), jnp.float32))
-    return (tok, st), (tok, z, conf)
+    return (tok, st), (tok, z, conf, probs)
 
   p = base.shape[1]
   init = (anchor.astype(jnp.int32), markov_head.init_state(b, hidden.dtype))
   xs = (jnp.swapaxes(base, 0, 1), jnp.swapaxes(hidden, 0, 1), jnp.arange(p))
-  _, (toks, z, conf) = jax.lax.scan(step, init, xs)
+  _, (toks, z, conf, probs) = jax.lax.scan(step, init, xs)
   vocab = markov_head.markov_w1.embedding.shape[0]
   return Proposal(tokens=jnp.swapaxes(toks, 0, 1),
                   logits=to_target_vocab(jnp.swapaxes(z, 0, 1), vocab_ids, vocab),
-                  confidence=jnp.swapaxes(conf, 0, 1) if confidence_head is not None else None)
+                  confidence=jnp.swapaxes(conf, 0, 1) if confidence_head is not None else None,
+                  probs=None if probs is None else to_target_vocab(jnp.swapaxes(probs, 0, 1),
+                                                                   vocab_ids, vocab, fill=0.0))
 
 
 def _fused_sequential_sample(markov_head, confidence_head, with_markov: bool, base: Array,
@@ -119,13 +122,17 @@ def parallel_sample(confidence_head, base: Array, hidden: Array, keys: Array,
                     vocab_size: int = 0) -> Proposal:
   """No sequential head (DFlash): every position sampled independently from U_k."""
   p = base.shape[1]
-  toks = jnp.stack([sampling.sample(position_keys(keys, k), base[:, k], params, exact=False)
-                    for k in range(p)], axis=1)
+  drawn = [sampling.sample_with_probs(position_keys(keys, k), base[:, k], params, exact=False)
+           for k in range(p)]
+  toks = jnp.stack([t for t, _ in drawn], axis=1)
   if vocab_ids is not None:
     toks = vocab_ids[toks]
   conf = confidence_head(hidden, None) if confidence_head is not None else None
+  probs = None if params.greedy else jnp.stack([q for _, q in drawn], axis=1)
   return Proposal(tokens=toks, logits=to_target_vocab(base, vocab_ids, vocab_size),
-                  confidence=conf)
+                  confidence=conf,
+                  probs=None if probs is None else to_target_vocab(probs, vocab_ids, vocab_size,
+                                                                   fill=0.0))
 
 
 def tree_sample(markov_head, base: Array, hidden: Array, anchor: Array, keys: Array,

@@ -5,14 +5,17 @@
 confidences `sigmoid(z_k / T_k)`. The file also keeps what the fit was measured on and the
 held-out calibration metrics before and after, so a reader can judge the temperatures:
 
-  {"temperatures": [T_1..T_P], "ece_before": [P], "ece_after": [P], "auroc_before": [P],
-   "auroc_after": [P], "brier_before": [P], "brier_after": [P], "count": [P],
-   "summary": {...}, "fitted_on": {...}}
+  {"temperatures": [T_1..T_P], "prior": [P], "ece_before": [P], "ece_after": [P],
+   "auroc_before": [P], "auroc_after": [P], "brier_before": [P], "brier_after": [P],
+   "count": [P], "summary": {...}, "fitted_on": {...}}
+
+"prior" (optional) is the draft's mean conditional acceptance per position on the fit split,
+the scheduler's estimate for a request that has not proposed yet (`Scheduler.prior`).
 
 Metrics are of the cumulative product against realised prefix bits on the held-out split
 (`dspark_jax.scheduling.calibration`); an undefined metric (e.g. AUROC of a position whose
-rounds are all accepted) is stored as null, so the file is strict JSON. Only "temperatures" is
-read back.
+rounds are all accepted) is stored as null, so the file is strict JSON. Only "temperatures" and
+"prior" are read back.
 """
 
 from __future__ import annotations
@@ -42,27 +45,40 @@ def _json_number(x) -> float | None:
   return x if math.isfinite(x) else None
 
 
+def _number(x: Any, where: str, what: str) -> float:
+  # bool is an int subclass; True as a temperature is a bug in whatever wrote the file.
+  if isinstance(x, bool) or not isinstance(x, (int, float)) and not hasattr(x, "__float__"):
+    raise ValueError(f"{where}: {what} is {x!r:.40}, not a number")
+  return float(x)
+
+
 def _check_temperatures(temperatures: Sequence, where: str) -> tuple[float, ...]:
   if isinstance(temperatures, (str, bytes, dict)) or not hasattr(temperatures, "__len__"):
     raise ValueError(f"{where}: 'temperatures' must be a list of numbers, got "
                      f"{type(temperatures).__name__}")
   if len(temperatures) == 0:
     raise ValueError(f"{where}: 'temperatures' is empty")
-  out = []
-  for k, t in enumerate(temperatures):
-    # bool is an int subclass; True as a temperature is a bug in whatever wrote the file.
-    if isinstance(t, bool) or not isinstance(t, (int, float)) and not hasattr(t, "__float__"):
-      raise ValueError(f"{where}: temperature {k + 1} is {t!r:.40}, not a number")
-    t = float(t)
+  out = tuple(_number(t, where, f"temperature {k + 1}") for k, t in enumerate(temperatures))
+  for k, t in enumerate(out):
     if not math.isfinite(t) or t <= 0:
       raise ValueError(f"{where}: temperature {k + 1} is {t!r}; STS temperatures must be "
                        "finite and > 0")
-    out.append(t)
-  return tuple(out)
+  return out
+
+
+def _check_prior(prior: Any, p: int, where: str) -> tuple[float, ...]:
+  if isinstance(prior, (str, bytes, dict)) or not hasattr(prior, "__len__") or len(prior) != p:
+    raise ValueError(f"{where}: 'prior' must be a list of {p} confidences")
+  out = tuple(_number(c, where, f"prior {k + 1}") for k, c in enumerate(prior))
+  for k, c in enumerate(out):
+    if not 0.0 <= c <= 1.0:
+      raise ValueError(f"{where}: prior {k + 1} is {c!r}; confidences lie in [0, 1]")
+  return out
 
 
 def write_sts(draft_dir: str | os.PathLike, temperatures: Sequence[float], *,
-              report_before: dict, report_after: dict, data: dict) -> str:
+              report_before: dict, report_after: dict, data: dict,
+              prior: Sequence[float] | None = None) -> str:
   """Writes `sts.json` into `draft_dir` atomically (a temporary file, then a rename).
 
   Args:
@@ -73,6 +89,7 @@ def write_sts(draft_dir: str | os.PathLike, temperatures: Sequence[float], *,
     report_after: the same with the temperatures applied.
     data: what the fit was measured on (prompts file, split sizes, sampling settings, ...);
       must be JSON-serialisable; stored under "fitted_on".
+    prior: `[P]` mean conditional acceptance per position (`calibration.prior_confidence`).
 
   Returns:
     The path written.
@@ -83,6 +100,8 @@ def write_sts(draft_dir: str | os.PathLike, temperatures: Sequence[float], *,
   temps = _check_temperatures(list(temperatures), "write_sts")
   p = len(temps)
   payload: dict[str, Any] = {"temperatures": list(temps)}
+  if prior is not None:
+    payload["prior"] = list(_check_prior(list(prior), p, "write_sts"))
   for tag, report in (("before", report_before), ("after", report_after)):
     for name in _PER_POSITION:
       values = list(report[name])
@@ -115,6 +134,23 @@ def write_sts(draft_dir: str | os.PathLike, temperatures: Sequence[float], *,
   return path
 
 
+def _load(draft_dir: str | os.PathLike) -> tuple[str, dict] | None:
+  """(path, the parsed object) of `draft_dir/sts.json`, or None when there is no such file."""
+  path = os.fspath(draft_dir)
+  if os.path.isdir(path):
+    path = sts_path(path)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      obj = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+  if not isinstance(obj, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+  return path, obj
+
+
 def read_sts(draft_dir: str | os.PathLike) -> tuple[float, ...] | None:
   """The temperatures of `draft_dir/sts.json`, or None when the draft has no such file.
 
@@ -128,18 +164,10 @@ def read_sts(draft_dir: str | os.PathLike) -> tuple[float, ...] | None:
     ValueError: a malformed file (not JSON, not an object, no "temperatures", a non-numeric,
       non-finite or non-positive temperature), with a one-line message naming the file.
   """
-  path = os.fspath(draft_dir)
-  if os.path.isdir(path):
-    path = sts_path(path)
-  if not os.path.exists(path):
+  found = _load(draft_dir)
+  if found is None:
     return None
-  try:
-    with open(path) as f:
-      obj = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
-  if not isinstance(obj, dict):
-    raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+  path, obj = found
   if "temperatures" not in obj:
     raise ValueError(f"{path}: no 'temperatures' list")
   temps = obj["temperatures"]
@@ -147,3 +175,14 @@ def read_sts(draft_dir: str | os.PathLike) -> tuple[float, ...] | None:
     raise ValueError(f"{path}: 'temperatures' must be a list of numbers, got "
                      f"{type(temps).__name__}")
   return _check_temperatures(temps, path)
+
+
+def read_sts_prior(draft_dir: str | os.PathLike) -> tuple[float, ...] | None:
+  """The "prior" of `draft_dir/sts.json` (`[P]` confidences), or None when the file or the
+  entry is missing (files written before it existed). Raises ValueError when malformed."""
+  found = _load(draft_dir)
+  if found is None or found[1].get("prior") is None:
+    return None
+  path, obj = found
+  return _check_prior(obj["prior"], len(obj["prior"]) if isinstance(obj["prior"], list) else -1,
+                      path)

@@ -226,7 +226,7 @@ def resolve_scheduler(spec, target, draft, *, batch: int, num_draft: int):
   """`generate(..., scheduler=spec)` -> a `Scheduler` or None (fixed length, dense verify).
 
   A `Scheduler` is used as given. A policy name gets the cached SPS profile (measured now
-  if missing) and the draft's STS temperatures. None / "auto" means "early_stop" when the
+  if missing) and the draft's STS temperatures and prior. None / "auto" means "early_stop" when the
   draft has a confidence head and a profile is cached, else fixed.
   """
   from dspark_jax.scheduling import POLICIES, Scheduler
@@ -254,8 +254,10 @@ def resolve_scheduler(spec, target, draft, *, batch: int, num_draft: int):
   if prof is None:
     return None
   temps = getattr(draft.config, "sts_temperatures", None)
+  prior = getattr(draft.config, "sts_prior", None)
   if temps is not None and len(temps) < num_draft:
-    temps = None
+    temps = prior = None
   return Scheduler(policy="early_stop" if auto else spec, sps=np.asarray(prof["sps"]),
                    temperatures=None if temps is None else np.asarray(temps[:num_draft]),
-                   propose_cost=prof["propose_s"])
+                   propose_cost=prof["propose_s"],
+                   prior=None if prior is None else np.asarray(prior[:num_draft]))

@@ -194,6 +194,24 @@ def fit_sts(logits: np.ndarray, prefix_accepted: np.ndarray, *, grid: Sequence[f
   return temps
 
 
+def prior_confidence(prefix_accepted: np.ndarray, valid: np.ndarray | None = None
+                     ) -> np.ndarray:
+  """Mean conditional acceptance per position: `P(x_k accepted | x_<k accepted)`.
+
+  Args:
+    prefix_accepted: `[N, P]` realised prefix bits of fixed-length rounds.
+    valid: optional bool `[N, P]`, rounds observed at position k.
+
+  Returns:
+    float64 `[P]` in `[0, 1]` (0 where no valid round reached position k).
+  """
+  y, mask = _as_inputs(prefix_accepted, prefix_accepted, valid)[1:]
+  reached = np.concatenate([np.ones((y.shape[0], 1)), y[:, :-1]], axis=1) * mask
+  hits = (y * mask).sum(axis=0)
+  tries = reached.sum(axis=0)
+  return np.where(tries > 0, hits / np.maximum(tries, 1), 0.0)
+
+
 def cumulative_confidence(logits: np.ndarray, temperatures: np.ndarray | None = None
                           ) -> np.ndarray:
   """`[N, P]` logits -> `[N, P]` cumulative product of `sigmoid(z / T)` (raw if T is None)."""

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dspark_jax.scheduling.scheduler import (calibrate_confidence, propose_pays,
+from dspark_jax.scheduling.scheduler import (NEVER_PROPOSED, calibrate_confidence, propose_pays,
                                              schedule_verify)
 
 LOAD_POLICIES = ("ar", "fixed", "early_stop")
@@ -27,7 +27,7 @@ LOAD_POLICIES = ("ar", "fixed", "early_stop")
 def simulate(trajectories: Sequence[tuple[np.ndarray, np.ndarray]], sps: np.ndarray,
              propose_cost: float, concurrency: int, *, policy: str,
              temperatures: np.ndarray | None = None, rounds: int = 256, probe_every: int = 8,
-             max_probe_level: int = 3, seed: int = 0) -> dict:
+             max_probe_level: int = 3, prior: np.ndarray | None = None, seed: int = 0) -> dict:
   """Replays `rounds` steps of `concurrency` requests under one policy.
 
   Args:
@@ -40,6 +40,8 @@ def simulate(trajectories: Sequence[tuple[np.ndarray, np.ndarray]], sps: np.ndar
     policy: "ar" (plain decoding), "fixed" (all P drafts every round) or "early_stop"
       (Algorithm 1 with the plain-step fallback and backed-off probes of `Scheduler`).
     temperatures: `[P]` STS temperatures or None.
+    prior: `[P]` calibrated confidences assumed for a request without a block (see
+      `Scheduler.prior`), or None.
     rounds: simulated steps.
     seed: picks each request's trajectory and starting round.
 
@@ -63,7 +65,9 @@ def simulate(trajectories: Sequence[tuple[np.ndarray, np.ndarray]], sps: np.ndar
   acc = [np.asarray(trajectories[i][1], np.int64) for i in pick]
   cursor = np.array([rng.integers(len(a)) for a in acc])
   stale = np.full((r_count, p), -np.inf)
-  since_probe, level = 1 << 20, 0
+  # As `Scheduler.wants_proposal`: with a prior, the rollouts it came from stand in for
+  # probes, so the first forced probe waits the longest gap.
+  since_probe, level = (NEVER_PROPOSED, 0) if prior is None else (0, max_probe_level)
   tokens = seconds = 0.0
   verified, proposing = [], 0
   for _ in range(rounds):
@@ -76,7 +80,10 @@ def simulate(trajectories: Sequence[tuple[np.ndarray, np.ndarray]], sps: np.ndar
       continue
     propose = True
     if policy == "early_stop":
-      pays = bool(propose_pays(calibrate_confidence(stale, temperatures), sps, propose_cost))
+      c = calibrate_confidence(stale, temperatures)
+      if prior is not None:
+        c = np.where(np.isneginf(stale[:, :1]), np.asarray(prior, np.float64)[None], c)
+      pays = bool(propose_pays(c, sps, propose_cost))
       gap = probe_every * (1 << level)
       probe = not pays and since_probe >= gap
       level = 0 if pays else (min(level + 1, max_probe_level) if probe else level)

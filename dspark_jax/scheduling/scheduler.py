@@ -53,6 +53,8 @@ from dspark_jax.typing import Array
 
 POLICIES = ("fixed", "threshold", "early_stop", "global", "async")
 SPS_POLICIES = ("early_stop", "global", "async")
+# `since_probe` of a loop that has not proposed yet: any probe gap has passed.
+NEVER_PROPOSED = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,6 +312,13 @@ class Scheduler:
       always propose.
     probe_every: static; see `propose_cost`.
     max_probe_level: static; see `propose_cost`.
+    prior: `[P]` calibrated conditional confidences a row without a proposed block is
+      assumed to have (the draft's mean per-position acceptance on its calibration rollouts,
+      `sts.json`'s "prior"), or None. Without it such a row counts its anchor only and a loop
+      that has not proposed yet probes at once; with it the first round proposes only if the
+      prior pays, and otherwise the first probe waits the longest gap
+      (`probe_every * 2**max_probe_level` rounds), as if the calibration rollouts had been
+      probes that found the draft not paying. Draft-side history only, so still lossless.
   """
 
   policy: str = dataclasses.field(metadata=dict(static=True), default="early_stop")
@@ -319,15 +328,20 @@ class Scheduler:
   propose_cost: Array | None = None
   probe_every: int = dataclasses.field(metadata=dict(static=True), default=8)
   max_probe_level: int = dataclasses.field(metadata=dict(static=True), default=3)
+  prior: Array | None = None
 
   def __post_init__(self):
-    for name in ("sps", "temperatures", "threshold", "propose_cost"):
+    for name in ("sps", "temperatures", "threshold", "propose_cost", "prior"):
       object.__setattr__(self, name, _as_array(getattr(self, name)))
     # Values are checked when known; tracers (inside jit) and tree placeholders pass through.
     _check_policy(self.policy, sps=self.sps, threshold=self.threshold)
     temps = _concrete(self.temperatures)
     if temps is not None and not np.all(temps > 0):
       raise ValueError(f"temperatures must all be > 0, got {temps.tolist()}")
+    prior = _concrete(self.prior)
+    if prior is not None and not (prior.ndim == 1 and np.all((prior >= 0) & (prior <= 1))):
+      raise ValueError(f"prior must be a [P] vector of confidences in [0, 1], got "
+                       f"{prior.tolist()}")
     if self.probe_every < 1 or self.max_probe_level < 0:
       raise ValueError(f"need probe_every >= 1 and max_probe_level >= 0, got "
                        f"{self.probe_every} and {self.max_probe_level}")
@@ -341,9 +355,11 @@ class Scheduler:
     """Whether to propose this round, from past rounds only.
 
     Args:
-      stale_logits: `[R, P]` raw confidence logits of each row's latest proposed block.
+      stale_logits: `[R, P]` raw confidence logits of each row's latest proposed block
+        (`-inf` for a row that has none yet).
       live: bool `[R]`.
-      since_probe: int32 scalar, rounds since the last proposing round.
+      since_probe: int32 scalar, rounds since the last proposing round (`NEVER_PROPOSED` +
+        rounds before the loop's first proposal).
       probe_level: int32 scalar, forced probes in a row that found the draft not paying.
 
     Returns:
@@ -352,7 +368,14 @@ class Scheduler:
     """
     if self.propose_cost is None or self.sps is None:
       return jnp.asarray(True), jnp.zeros((), jnp.int32)
-    pays = propose_pays(self.calibrate(stale_logits), self.sps, self.propose_cost, live=live)
+    stale = self.calibrate(stale_logits)
+    if self.prior is not None:
+      no_block = jnp.isneginf(stale_logits[:, :1])
+      stale = jnp.where(no_block, jnp.asarray(self.prior, stale.dtype)[None], stale)
+      fresh = since_probe >= NEVER_PROPOSED
+      since_probe = jnp.where(fresh, since_probe - NEVER_PROPOSED, since_probe)
+      probe_level = jnp.where(fresh, self.max_probe_level, probe_level)
+    pays = propose_pays(stale, self.sps, self.propose_cost, live=live)
     gap = self.probe_every * jnp.left_shift(1, probe_level)
     probe = ~pays & (since_probe >= gap)
     level = jnp.where(pays, 0, jnp.where(probe, jnp.minimum(probe_level + 1,
