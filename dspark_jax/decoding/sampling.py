@@ -273,26 +273,20 @@ def sample(keys: Array, logits: Array, params: SamplingParams, *, exact: bool = 
   Returns:
     int32 `[B]`.
   """
-  if params.greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  x = processed_logits(logits, params, exact=exact)
-  tok = jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
-  greedy = params.greedy_rows(logits)
-  if greedy is None:
-    return tok
-  return jnp.where(greedy[:, 0], jnp.argmax(logits, axis=-1).astype(jnp.int32), tok)
+  # The distribution `sample_with_probs` also returns is dead code under jit when unused.
+  return sample_with_probs(keys, logits, params, exact=exact)[0]
 
 
 def sample_with_probs(keys: Array, logits: Array, params: SamplingParams, *,
                       exact: bool = True) -> tuple[Array, Array | None]:
-  """`sample` plus the distribution it drew from (`probabilities`, computed once): a
-  draft keeps it for the acceptance test instead of filtering its logits again.
+  """One token per row and the distribution it was drawn from (`probabilities`, computed
+  once): a draft keeps it for the acceptance test instead of filtering its logits again.
 
   Returns:
     (int32 `[B]`, float32 `[B, V]` probabilities, or None when greedy).
   """
   if params.greedy:
-    return sample(keys, logits, params, exact=exact), None
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
   x = processed_logits(logits, params, exact=exact)
   tok = jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
   probs = jax.nn.softmax(x, axis=-1)
