@@ -20,7 +20,7 @@ def get_config():
   c.top_p = 1.0  # 1 = off
   c.stop = ()  # stop strings for batch jobs, e.g. --config.stop="('\n\n',)"
   c.n = 1  # samples per prompt (batch)
-  c.seed = 0
+  c.seed = 0  # sampling seed; a row draws with (seed, its request id, its step) only
   c.batch_size = 8  # decode slots: rows decoded together (continuous batching)
   c.rounds_per_step = 4  # decode rounds per device call between admissions
   c.num_draft_tokens = 0  # draft tokens verified per round; 0 = the draft's trained block
@@ -31,6 +31,8 @@ def get_config():
   # "" = chain. With a tree every node is verified, so the scheduler is not used.
   c.tree = ""
   c.warmup = True  # batch: compile on a short first request so tokens/s is steady-state
+  # Keep compiled programs in the user cache dir (<cache>/xla): later runs start faster
+  c.compilation_cache = True
   c.host = "127.0.0.1"  # server
   c.port = 8000  # server
   c.model_name = ""  # server: the model id clients send ("" = the target name)

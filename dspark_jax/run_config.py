@@ -104,11 +104,14 @@ def describe_fields(path: str | os.PathLike) -> str:
   Reads the config's own source, so the help says what the file says, field by field.
   """
   import re
-  lines = []
+  lines, above = [], []
   pat = re.compile(r"^\s*c\.(\w+)\s*=\s*(.+?)\s*(?:#\s*(.*))?$")
   for line in open(path):
     m = pat.match(line)
     if m and "ConfigDict" not in m.group(2):
-      name, default, doc = m.group(1), m.group(2), m.group(3) or ""
+      name, default = m.group(1), m.group(2)
+      doc = " ".join(above + [m.group(3)] if m.group(3) else above)  # comments above it too
       lines.append(f"  --config.{name}={default}" + (f"\n      {doc}" if doc else ""))
+    comment = re.match(r"^\s*#\s*(.*)$", line)
+    above = above + [comment.group(1)] if comment else []
   return "\n".join(lines)

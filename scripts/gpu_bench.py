@@ -145,24 +145,24 @@ def op_micros(target, draft, b: int, repeats: int, impls, calls: int = 8,
   w1 = jax.random.normal(k[1], (v, r), dtype)
   w2 = (jax.random.normal(k[2], (r, v)) * 0.05).astype(dtype)
   e0 = jax.random.normal(k[3], (b, r), dtype)
-  noise = jax.random.gumbel(k[4], (b, p, v))
+  uni = jax.random.uniform(k[4], (b, p))
   temp = jnp.full((b,), 0.7, jnp.float32)
   pt = jax.nn.softmax(jax.random.normal(k[5], (b, p + 1, v)), -1)
   qd = jax.nn.softmax(jax.random.normal(k[6], (b, p, v)), -1)
   drafts = jax.random.randint(k[7], (b, p), 0, v, jnp.int32)
   ell = jnp.full((b,), p, jnp.int32)
   u = jax.random.uniform(k[0], (b, p))
-  g = jax.random.gumbel(k[1], (b, v))
+  su = jax.random.uniform(k[1], (b,))
   logits = jnp.log(pt)
   # name -> (fn(implementation) -> jitted op, its arguments)
   ops = {
       "markov_greedy": (lambda impl: lambda *a: markov_sampler.markov_sample(
           *a, implementation=impl), (base, e0, w1, w2)),
       "markov_sampled": (lambda impl: lambda *a: markov_sampler.markov_sample(
-          *a[:4], noise=a[4], temperature=a[5], implementation=impl),
-          (base, e0, w1, w2, noise, temp)),
+          *a[:4], uniforms=a[4], temperature=a[5], implementation=impl),
+          (base, e0, w1, w2, uni, temp)),
       "accept_sampled": (lambda impl: lambda *a: prefix_accept.prefix_accept(
-          *a, implementation=impl), (pt, qd, drafts, ell, u, g)),
+          *a, implementation=impl), (pt, qd, drafts, ell, u, su)),
       "accept_greedy": (lambda impl: lambda *a: prefix_accept.greedy_accept(
           *a, implementation=impl), (logits, drafts, ell)),
   }

@@ -11,6 +11,10 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# serve() keeps compiled programs in the user cache dir (`compilation_cache`); tests do not
+# (writing every tiny test program to disk costs time), in this process or the CLIs it starts.
+os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+jax.config.update("jax_enable_compilation_cache", False)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

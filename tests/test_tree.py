@@ -11,6 +11,7 @@ import dspark_jax as dj
 from dspark_jax.decoding import sampling, speculative
 from dspark_jax.demo import tiny as testing
 from dspark_jax.drafts import api as draft_api
+from dspark_jax.kernels import draw
 from dspark_jax.kernels.prefix_accept import reference as pa_ref
 from dspark_jax.kernels.tree_accept import pallas as ta_pallas
 from dspark_jax.kernels.tree_accept import reference as ta_ref
@@ -49,17 +50,16 @@ def _tree_inputs(shape, b, v, seed, hit=0.5):
   best = jnp.argmax(logits, -1)[:, shape.parent]
   tok = jnp.where(jax.random.uniform(k[3], (b, w)) < hit, best, tok).astype(jnp.int32)
   u = jax.random.uniform(k[4], (b, w))
-  noise = jax.random.gumbel(k[5], (b, v))
-  return logits, p, q, tok, u, noise
+  return logits, p, q, tok, u, jax.random.uniform(k[5], (b,))
 
 
 def test_chain_tree_is_prefix_accept():
   shape = TreeShape.chain(4)
   for seed in range(3):
-    logits, p, q, tok, u, noise = _tree_inputs(shape, 16, 29, seed)
+    logits, p, q, tok, u, su = _tree_inputs(shape, 16, 29, seed)
     full = jnp.full((16,), 4, jnp.int32)
-    n, nxt, leaf = ta_ref.tree_accept(p, q, tok, u, noise, shape)
-    want = pa_ref.prefix_accept(p, q[:, 1:], tok[:, 1:], full, u[:, 1:], noise)
+    n, nxt, leaf = ta_ref.tree_accept(p, q, tok, u, su, shape)
+    want = pa_ref.prefix_accept(p, q[:, 1:], tok[:, 1:], full, u[:, 1:], su)
     np.testing.assert_array_equal(n, want[0])
     np.testing.assert_array_equal(nxt, want[1])
     np.testing.assert_array_equal(leaf, n)  # a chain's node id is its depth
@@ -77,9 +77,9 @@ def test_tree_kernel_matches_reference(branching, v, tile, interpret):
   shape = TreeShape(branching)
   seen = set()
   for seed in range(3):
-    logits, p, q, tok, u, noise = _tree_inputs(shape, 5, v, seed)
-    want = ta_ref.tree_accept(p, q, tok, u, noise, shape)
-    got = ta_pallas.tree_accept(p, q, tok, u, noise, shape=shape, tile=tile, interpret=interpret)
+    logits, p, q, tok, u, su = _tree_inputs(shape, 5, v, seed)
+    want = ta_ref.tree_accept(p, q, tok, u, su, shape)
+    got = ta_pallas.tree_accept(p, q, tok, u, su, shape=shape, tile=tile, interpret=interpret)
     for a, b in zip(got, want):
       np.testing.assert_array_equal(a, b)
     seen.update(np.asarray(want[0]).tolist())
@@ -101,13 +101,12 @@ def _emitted_first_token(rule, p, q, k, n, seed):
   pp = jnp.broadcast_to(p, (n, k + 1, v))
   qq = jnp.broadcast_to(q, (n, k + 1, v))
   u = jax.random.uniform(keys[1], (n, k + 1))
-  noise = jax.random.gumbel(keys[2], (n, v))
-  n_acc, nxt, leaf = rule(pp, qq, tok, u, noise, shape)
+  n_acc, nxt, leaf = rule(pp, qq, tok, u, jax.random.uniform(keys[2], (n,)), shape)
   return np.where(np.asarray(n_acc) == 1, np.asarray(tok)[np.arange(n), np.asarray(leaf)],
                   np.asarray(nxt))
 
 
-def _no_residual_rule(p, q, tokens, uniforms, noise, shape):
+def _no_residual_rule(p, q, tokens, uniforms, sample_uniform, shape):
   """Broken: every sibling is tested against p itself, not the residual earlier rejections
   left (over-accepts tokens q favours)."""
   rows = jnp.arange(tokens.shape[0])
@@ -116,7 +115,7 @@ def _no_residual_rule(p, q, tokens, uniforms, noise, shape):
   first = jnp.argmax(ok, axis=1)
   acc = jnp.any(ok, axis=1)
   residual = jnp.maximum(p[:, 0] - q[:, 1], 0.0)
-  nxt = jnp.argmax(noise + pa_ref.log_weights(residual), axis=-1)
+  nxt = draw.inverse_cdf(sample_uniform, residual)
   return acc.astype(jnp.int32), nxt, jnp.where(acc, first + 1, 0)
 
 

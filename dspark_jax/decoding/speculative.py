@@ -43,6 +43,7 @@ from dspark_jax.decoding.loop import count_trace, first_token, prefill
 from dspark_jax.decoding.state import Batch, Pack, Proposal, Rows, SpecState, TreeProposal
 from dspark_jax.scheduling.scheduler import NEVER_PROPOSED
 from dspark_jax.typing import Array
+from dspark_jax.kernels import draw
 from dspark_jax.kernels import prefix_accept as accept_kernels
 from dspark_jax.kernels import tree_accept as tree_kernels
 from dspark_jax.kernels.tree_accept import TreeShape
@@ -180,9 +181,9 @@ def accept(target_logits: Array, proposal: Proposal, verify_len: Array, keys_acc
   p_x = jnp.take_along_axis(pt[:, :p], drafts[..., None], axis=-1)[..., 0]
   q_x = jnp.take_along_axis(qd, drafts[..., None], axis=-1)[..., 0]
   u = jax.vmap(lambda k: jax.random.uniform(k, (p,)))(keys_accept)
-  if kernel.pallas:  # the noise `sample_from_probs` would draw, drawn up front
-    noise = jax.vmap(lambda k: jax.random.gumbel(k, pt.shape[-1:], jnp.float32))(keys_sample)
-    return accept_kernels.prefix_accept(pt, qd, drafts, verify_len, u, noise, choice=kernel)
+  if kernel.pallas:  # the uniform `sample_from_probs` would draw, drawn up front
+    return accept_kernels.prefix_accept(pt, qd, drafts, verify_len, u,
+                                        draw.uniforms(keys_sample), choice=kernel)
   # accept iff u < min(1, p/q)  <=>  u * q < p  (q > 0 for a sampled token; no division)
   ok = (u * q_x < p_x) & in_window
   n_acc = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
@@ -219,9 +220,9 @@ def accept_tree(target_logits: Array, proposal: TreeProposal, keys_accept: Array
   pt = sampling.probabilities(target_logits, params)
   qd = sampling.probabilities(proposal.logits, params, exact=False)  # as drafted
   u = jax.vmap(lambda k: jax.random.uniform(k, (shape.width,)))(keys_accept)
-  # The noise `sample_from_probs` would draw for the emitted token.
-  noise = jax.vmap(lambda k: jax.random.gumbel(k, pt.shape[-1:], jnp.float32))(keys_sample)
-  return tree_kernels.tree_accept(pt, qd, proposal.tokens, u, noise, shape=shape, choice=kernel)
+  # The uniform `sample_from_probs` draws the emitted token with.
+  return tree_kernels.tree_accept(pt, qd, proposal.tokens, u, draw.uniforms(keys_sample),
+                                  shape=shape, choice=kernel)
 
 
 # Acceptance rules by name (`generate(..., acceptance=...)`), for chains and for trees. Only

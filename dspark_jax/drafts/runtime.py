@@ -14,6 +14,7 @@ from dspark_jax.decoding.cache import KVCache, PendingKV
 from dspark_jax.decoding.state import Proposal, TreeProposal
 from dspark_jax.drafts import parallel
 from dspark_jax.typing import Array
+from dspark_jax.kernels import draw
 from dspark_jax.kernels import markov_sampler as markov_kernels
 from dspark_jax.kernels.tree_accept import TreeShape
 
@@ -88,23 +89,22 @@ def _fused_sequential_sample(markov_head, confidence_head, with_markov: bool, ba
                              choice) -> Proposal:
   """`sequential_sample` through `kernels.markov_sampler` (same tokens for the same keys).
 
-  The Gumbel noise `jax.random.categorical` would draw at each position is drawn up front
+  The uniform `sampling.sample_with_probs` would draw at each position is drawn up front
   from the same keys; the confidences, which need only the sampled prefix, follow in one
   batched call.
   """
-  b, p, n = base.shape
+  b, p, _ = base.shape
   w1 = markov_head.markov_w1.embedding[...]
   w2 = markov_head.markov_w2.kernel[...]
   if vocab_ids is not None:  # candidates are the draft vocabulary's tokens
     w1, w2 = jnp.take(w1, vocab_ids, axis=0), jnp.take(w2, vocab_ids, axis=1)
-  noise = temperature = greedy_rows = None
+  uniforms = temperature = greedy_rows = None
   if not params.greedy:
-    gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (n,), jnp.float32))
-    noise = jnp.stack([gumbel(position_keys(keys, k)) for k in range(p)], axis=1)
+    uniforms = jnp.stack([draw.uniforms(position_keys(keys, k)) for k in range(p)], axis=1)
     temperature = jnp.broadcast_to(params.temperature, (b,))
     greedy_rows = None if jnp.ndim(params.temperature) == 0 else temperature <= 0
   toks, z = markov_kernels.markov_sample(base, markov_head.embed_prev(anchor, hidden.dtype), w1,
-                                         w2, noise=noise, temperature=temperature,
+                                         w2, uniforms=uniforms, temperature=temperature,
                                          greedy_rows=greedy_rows, choice=choice)
   if vocab_ids is not None:
     toks = vocab_ids[toks]
@@ -175,8 +175,9 @@ def tree_sample(markov_head, base: Array, hidden: Array, anchor: Array, keys: Ar
       x = sampling.processed_logits(z, params, exact=False)
       ids = shape.offsets[d + 1] + jnp.arange(n * k)
       node_keys = jax.vmap(lambda key: jax.vmap(lambda i: jax.random.fold_in(key, i))(ids))(keys)
-      draw = jax.vmap(jax.vmap(jax.random.categorical))
-      child = draw(node_keys, jnp.repeat(x, k, axis=1)).astype(jnp.int32).reshape(b, n, k)
+      probs = jnp.repeat(jax.nn.softmax(x, axis=-1), k, axis=1)  # [B, n*k, V or N]
+      child = sampling.sample_from_probs(node_keys.reshape(b * n * k), probs.reshape(b * n * k, -1))
+      child = child.reshape(b, n, k)
       greedy = params.greedy_rows(z)
       if greedy is not None:
         child = jnp.where(greedy, jnp.argmax(z, axis=-1, keepdims=True).astype(jnp.int32), child)

@@ -33,6 +33,21 @@ def _check(config) -> None:
       raise ValueError(f"--config.tree: {e}") from None
 
 
+def use_compilation_cache(enabled: bool) -> str | None:
+  """Keeps compiled XLA programs in `<dspark_jax cache>/xla` (JAX's persistent compilation
+  cache), so a later run with the same model and shapes loads them instead of compiling:
+  most of a short run's start-up. A cache directory configured already (JAX_COMPILATION_CACHE_DIR
+  or `jax.config`) is left as it is. Returns the directory in use, or None."""
+  import jax
+  current = jax.config.jax_compilation_cache_dir
+  if current or not enabled:
+    return current or None
+  from dspark_jax.demo.models import cache_root
+  path = str(cache_root() / "xla")
+  jax.config.update("jax_compilation_cache_dir", path)
+  return path
+
+
 def load_models(config, out=sys.stderr):
   from dspark_jax import sharding
   from dspark_jax.target import load_target
@@ -74,6 +89,7 @@ def serve(config, out=sys.stdout) -> dict[str, Any] | None:
     rows = (jobs.read_prompts(config.prompts, config.max_prompts) if config.prompts else
             [{"id": i, "turns": [t]} for i, t in enumerate(jobs.DEMO_PROMPTS)])
   t0 = time.perf_counter()
+  use_compilation_cache(config.get("compilation_cache", True))
   target, draft = load_models(config)
   batcher = make_batcher(config, target, draft)
   load_s = time.perf_counter() - t0

@@ -36,14 +36,14 @@ def choose(implementation: str | None = None, *, vocab: int | None = None,
                           unsupported=unsupported)
 
 
-def markov_sample(base, e0, w1, w2, *, noise=None, temperature=None, greedy_rows=None,
+def markov_sample(base, e0, w1, w2, *, uniforms=None, temperature=None, greedy_rows=None,
                   implementation: str | None = None, choice: dispatch.Choice | None = None,
                   tile: int | None = None):
   """See `reference.markov_sample`; `choice` (from `choose`) overrides `implementation`."""
   if choice is None:
     choice = choose(implementation, vocab=base.shape[-1], rank=e0.shape[-1])
   if not choice.pallas:
-    return reference.markov_sample(base, e0, w1, w2, noise=noise, temperature=temperature,
+    return reference.markov_sample(base, e0, w1, w2, uniforms=uniforms, temperature=temperature,
                                    greedy_rows=greedy_rows)
   n = base.shape[-1]
   if choice.interpret:
@@ -51,5 +51,5 @@ def markov_sample(base, e0, w1, w2, *, noise=None, temperature=None, greedy_rows
   else:
     default = max(16, _pow2_floor(GPU_TILE_ELEMENTS // e0.shape[-1]))
     kw = dict(tile=min(tile or default, _pow2_floor(n)), block_b=GPU_BLOCK_B)
-  return pallas_impl.markov_sample(base, e0, w1, w2, noise=noise, temperature=temperature,
+  return pallas_impl.markov_sample(base, e0, w1, w2, uniforms=uniforms, temperature=temperature,
                                    greedy_rows=greedy_rows, interpret=choice.interpret, **kw)

@@ -27,14 +27,14 @@ def choose(implementation: str | None = None, *,
                           unsupported=unsupported)
 
 
-def prefix_accept(p, q, drafts, verify_len, uniforms, noise, *,
+def prefix_accept(p, q, drafts, verify_len, uniforms, sample_uniform, *,
                   implementation: str | None = None, choice: dispatch.Choice | None = None,
                   tile: int | None = None):
   """See `reference.prefix_accept`; `choice` (from `choose`) overrides `implementation`."""
   choice = choice or choose(implementation)
   if not choice.pallas:
-    return reference.prefix_accept(p, q, drafts, verify_len, uniforms, noise)
-  return pallas_impl.prefix_accept(p, q, drafts, verify_len, uniforms, noise,
+    return reference.prefix_accept(p, q, drafts, verify_len, uniforms, sample_uniform)
+  return pallas_impl.prefix_accept(p, q, drafts, verify_len, uniforms, sample_uniform,
                                    tile=_tile(choice, p.shape[-1], tile),
                                    interpret=choice.interpret)
 

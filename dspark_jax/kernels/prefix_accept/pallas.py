@@ -2,12 +2,12 @@
 
 Each program owns one row: the P accept tests are scalar work (a draft token's p and q
 are single-element loads at the token's column), and only the two distribution rows the
-outcome needs, p_n and q_n, are streamed in vocabulary tiles: once for the residual's
-mass, once for the Gumbel-max draw (or, greedy, P+1 tiled argmaxes of the target logits).
+outcome needs, p_n and q_n, are streamed in vocabulary tiles: once for the masses, once for
+the inverse-CDF draw (`kernels.draw`; or, greedy, P+1 tiled argmaxes of the target logits).
 
 Tiles never run past the vocabulary: the last one starts at V - tile. For the argmax the
-overlap is harmless (re-seen lanes never win a strictly-greater test); for the mass sum
-the lanes already counted are zeroed.
+overlap is harmless (re-seen lanes never win a strictly-greater test); for sums and counts
+the lanes already seen are masked.
 
 GPU: Triton lowering; `tile` must be a power of two. CPU: interpret mode.
 """
@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from dspark_jax.kernels.prefix_accept.reference import RESIDUAL_MIN_MASS, log_weights
+from dspark_jax.kernels import draw
+from dspark_jax.kernels.prefix_accept.reference import RESIDUAL_MIN_MASS
 
 Array = jax.Array
 
@@ -50,7 +51,34 @@ def _no_max():
   return jnp.full((), -jnp.inf, jnp.float32), jnp.zeros((), jnp.int32)
 
 
-def _sampled_kernel(p_ref, q_ref, drafts_ref, len_ref, u_ref, noise_ref, n_ref, tok_ref, *,
+def _no_mass():
+  # (mass, last positive column) of the residual and of p_n, built inside the kernel.
+  zero, none = jnp.zeros((), jnp.float32), jnp.full((), -1, jnp.int32)
+  return zero, none, zero, none
+
+
+def draw_tiles(v: int, tile: int, dist, total: Array, last: Array, u: Array) -> Array:
+  """The inverse-CDF token of the row `dist(start)` streams (total mass and last positive
+  column known): one counting pass over the tiles (`draw.tile_count`)."""
+  target = u * total
+  init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+  _, count = _tiles(v, tile, lambda start, fresh, carry: draw.tile_count(
+      dist(start), fresh, target, carry), init)
+  return draw.finish(count, last, v)
+
+
+def draw_row(v: int, tile: int, dist, u: Array) -> Array:
+  """`draw_tiles` for a row whose mass is not known yet: one more pass sums it."""
+  def mass(start, fresh, carry):
+    total, last = carry
+    w = dist(start)
+    return total + jnp.sum(jnp.where(fresh, w, 0.0)), draw.tile_last_positive(w, fresh, start,
+                                                                             last)
+  total, last = _tiles(v, tile, mass, _no_mass()[:2])
+  return draw_tiles(v, tile, dist, total, last, u)
+
+
+def _sampled_kernel(p_ref, q_ref, drafts_ref, len_ref, u_ref, su_ref, n_ref, tok_ref, *,
                     num_draft: int, v: int, tile: int):
   ell = len_ref[0]
   alive = jnp.ones((), jnp.bool_)
@@ -66,17 +94,20 @@ def _sampled_kernel(p_ref, q_ref, drafts_ref, len_ref, u_ref, noise_ref, n_ref, 
   def residual(start):
     return jnp.maximum(p_ref[0, n, pl.ds(start, tile)] - q_ref[0, qn, pl.ds(start, tile)], 0.0)
 
-  mass = _tiles(v, tile, lambda start, fresh, acc: acc + jnp.sum(
-      jnp.where(fresh, residual(start), 0.0)), jnp.zeros((), jnp.float32))
-  use_residual = (n < ell) & (mass > RESIDUAL_MIN_MASS)
+  def masses(start, fresh, carry):
+    r_mass, r_last, p_mass, p_last = carry
+    r, pn = residual(start), p_ref[0, n, pl.ds(start, tile)]
+    return (r_mass + jnp.sum(jnp.where(fresh, r, 0.0)),
+            draw.tile_last_positive(r, fresh, start, r_last),
+            p_mass + jnp.sum(jnp.where(fresh, pn, 0.0)),
+            draw.tile_last_positive(pn, fresh, start, p_last))
 
-  def draw(start, fresh, carry):
-    dist = jnp.where(use_residual, residual(start), p_ref[0, n, pl.ds(start, tile)])
-    return _argmax_step(noise_ref[0, pl.ds(start, tile)] + log_weights(dist), start, carry)
-
-  _, tok = _tiles(v, tile, draw, _no_max())
+  r_mass, r_last, p_mass, p_last = _tiles(v, tile, masses, _no_mass())
+  use_residual = (n < ell) & (r_mass > RESIDUAL_MIN_MASS)
+  dist = lambda start: jnp.where(use_residual, residual(start), p_ref[0, n, pl.ds(start, tile)])
   n_ref[0] = n
-  tok_ref[0] = tok
+  tok_ref[0] = draw_tiles(v, tile, dist, jnp.where(use_residual, r_mass, p_mass),
+                          jnp.where(use_residual, r_last, p_last), su_ref[0])
 
 
 def _greedy_kernel(logits_ref, drafts_ref, len_ref, n_ref, tok_ref, *, num_draft: int, v: int,
@@ -113,14 +144,15 @@ def _call(kernel, args, b: int, interpret: bool, outputs: int = 2):
 
 @functools.partial(jax.jit, static_argnames=("tile", "interpret"))
 def prefix_accept(p: Array, q: Array, drafts: Array, verify_len: Array, uniforms: Array,
-                  noise: Array, *, tile: int = 1024, interpret: bool = False):
+                  sample_uniform: Array, *, tile: int = 1024, interpret: bool = False):
   """See `reference.prefix_accept`; `tile` vocabulary columns per step (clipped to V)."""
   b, num_draft = drafts.shape
   v = p.shape[-1]
   tile = min(tile, v)
   kernel = functools.partial(_sampled_kernel, num_draft=num_draft, v=v, tile=tile)
   args = [p.astype(jnp.float32), q.astype(jnp.float32), drafts.astype(jnp.int32),
-          verify_len.astype(jnp.int32), uniforms.astype(jnp.float32), noise.astype(jnp.float32)]
+          verify_len.astype(jnp.int32), uniforms.astype(jnp.float32),
+          sample_uniform.astype(jnp.float32)]
   n, tok = _call(kernel, args, b, interpret)
   return n, tok
 

@@ -10,8 +10,8 @@ uniform u_k per draft:
                                           which only rounding can cause),
              ~ p_n                       otherwise (the bonus token),
 
-drawn as argmax(G + log dist) with given Gumbel noise G `[V]`, exactly as
-`jax.random.categorical` draws it. Greedy decoding is the limit of one-hot p and q: accept
+drawn by inverse CDF (`kernels.draw`) with one given uniform, exactly as
+`sampling.sample_from_probs` draws it. Greedy decoding is the limit of one-hot p and q: accept
 while x_k equals argmax of the target logits, then emit that argmax at n.
 
 This is `dspark_jax.decoding.speculative.accept` with its randomness passed in. Dimensions:
@@ -23,6 +23,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dspark_jax.kernels import draw
+
 Array = jax.Array
 
 RESIDUAL_MIN_MASS = 1e-12  # below it a residual is rounding noise and p_n is used instead
@@ -33,13 +35,8 @@ def leading_accepted(ok: Array) -> Array:
   return jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
 
 
-def log_weights(dist: Array) -> Array:
-  """log of unnormalised probabilities, -inf where they are 0 (`sample_from_probs`)."""
-  return jnp.where(dist > 0, jnp.log(jnp.maximum(dist, 1e-38)), -jnp.inf)
-
-
 def prefix_accept(p: Array, q: Array, drafts: Array, verify_len: Array, uniforms: Array,
-                  noise: Array) -> tuple[Array, Array]:
+                  sample_uniform: Array) -> tuple[Array, Array]:
   """Sampled chain acceptance.
 
   Args:
@@ -48,7 +45,7 @@ def prefix_accept(p: Array, q: Array, drafts: Array, verify_len: Array, uniforms
     drafts: int32 `[B, P]` draft tokens.
     verify_len: int32 `[B]` l_b in [0, P].
     uniforms: float32 `[B, P]` in [0, 1).
-    noise: float32 `[B, V]` Gumbel noise for the residual / bonus token.
+    sample_uniform: float32 `[B]` in [0, 1), the residual / bonus token's draw.
 
   Returns:
     (n_accepted int32 `[B]`, next token int32 `[B]`).
@@ -64,8 +61,7 @@ def prefix_accept(p: Array, q: Array, drafts: Array, verify_len: Array, uniforms
   mass = jnp.sum(residual, axis=-1, keepdims=True)
   rejected = (n_acc < verify_len)[:, None]
   dist = jnp.where(rejected & (mass > RESIDUAL_MIN_MASS), residual, p_n)
-  tok = jnp.argmax(noise + log_weights(dist), axis=-1).astype(jnp.int32)
-  return n_acc, tok
+  return n_acc, draw.inverse_cdf(sample_uniform, dist)
 
 
 def greedy_accept(target_logits: Array, drafts: Array, verify_len: Array) -> tuple[Array, Array]:

@@ -18,14 +18,14 @@ def choose(implementation: str | None = None) -> dispatch.Choice:
   return dispatch.resolve(OP, implementation, compiled_on=COMPILED_ON, auto_on=AUTO_ON)
 
 
-def tree_accept(p, q, tokens, uniforms, noise, *, shape: reference.TreeShape,
+def tree_accept(p, q, tokens, uniforms, sample_uniform, *, shape: reference.TreeShape,
                 implementation: str | None = None, choice: dispatch.Choice | None = None,
                 tile: int | None = None):
   """See `reference.tree_accept`; `choice` (from `choose`) overrides `implementation`."""
   choice = choice or choose(implementation)
   if not choice.pallas:
-    return reference.tree_accept(p, q, tokens, uniforms, noise, shape)
-  return pallas_impl.tree_accept(p, q, tokens, uniforms, noise, shape=shape,
+    return reference.tree_accept(p, q, tokens, uniforms, sample_uniform, shape)
+  return pallas_impl.tree_accept(p, q, tokens, uniforms, sample_uniform, shape=shape,
                                  tile=_tile(choice, p.shape[-1], tile),
                                  interpret=choice.interpret)
 

@@ -4,7 +4,7 @@ Each program owns one row and walks the static tree level by level. The accept t
 scalar work: a child's token x needs p(x), q(x) and the residual at x, and the residual
 after j rejected siblings is an elementwise function of p_cur, the siblings' q rows and j
 scalar masses, so it is recomputed at x instead of being stored. Only the masses (one per
-rejected sibling) and the emitted token stream the vocabulary, in tiles: a `[V]` residual
+rejected sibling) and the emitted token's inverse-CDF draw stream the vocabulary, in tiles: a `[V]` residual
 never has to live in registers.
 
 Greedy needs no walk at all: a node is accepted iff its token is the argmax after its
@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from dspark_jax.kernels.prefix_accept.pallas import _argmax_step, _call, _no_max, _tiles
-from dspark_jax.kernels.prefix_accept.reference import RESIDUAL_MIN_MASS, log_weights
+from dspark_jax.kernels.prefix_accept.pallas import _argmax_step, _call, _no_max, _tiles, draw_row
+from dspark_jax.kernels.prefix_accept.reference import RESIDUAL_MIN_MASS
 from dspark_jax.kernels.tree_accept.reference import TreeShape
 
 Array = jax.Array
@@ -38,7 +38,7 @@ def _residual(p_row, q_rows, steps):
   return r
 
 
-def _sampled_kernel(p_ref, q_ref, tok_ref, u_ref, noise_ref, n_ref, next_ref, leaf_ref, *,
+def _sampled_kernel(p_ref, q_ref, tok_ref, u_ref, su_ref, n_ref, next_ref, leaf_ref, *,
                     shape: TreeShape, v: int, tile: int):
   off = shape.offsets
   kmax = max(shape.branching)
@@ -78,15 +78,13 @@ def _sampled_kernel(p_ref, q_ref, tok_ref, u_ref, noise_ref, n_ref, next_ref, le
     alive = alive & (chosen >= 0)
     cur = jnp.where(alive, chosen, cur)
 
-  def draw(start, fresh, carry):
+  def final(start):
     seg = lambda ref, node: ref[0, node, pl.ds(start, tile)]
-    r = _residual(seg(p_ref, cur), [seg(q_ref, i) for i in final_q],
-                  list(zip(final_mass, final_applied)))
-    return _argmax_step(noise_ref[0, pl.ds(start, tile)] + log_weights(r), start, carry)
+    return _residual(seg(p_ref, cur), [seg(q_ref, i) for i in final_q],
+                     list(zip(final_mass, final_applied)))
 
-  _, tok = _tiles(v, tile, draw, _no_max())
   n_ref[0] = _depth_of(cur, shape)
-  next_ref[0] = tok
+  next_ref[0] = draw_row(v, tile, final, su_ref[0])
   leaf_ref[0] = cur
 
 
@@ -125,14 +123,14 @@ def _outputs(b: int):
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "tile", "interpret"))
-def tree_accept(p: Array, q: Array, tokens: Array, uniforms: Array, noise: Array, *,
+def tree_accept(p: Array, q: Array, tokens: Array, uniforms: Array, sample_uniform: Array, *,
                 shape: TreeShape, tile: int = 1024, interpret: bool = False):
   """See `reference.tree_accept`; `tile` vocabulary columns per step (clipped to V)."""
   b, _, v = p.shape
   tile = min(tile, v)
   kernel = functools.partial(_sampled_kernel, shape=shape, v=v, tile=tile)
   args = [p.astype(jnp.float32), q.astype(jnp.float32), tokens.astype(jnp.int32),
-          uniforms.astype(jnp.float32), noise.astype(jnp.float32)]
+          uniforms.astype(jnp.float32), sample_uniform.astype(jnp.float32)]
   return tuple(_call(kernel, args, b, interpret, outputs=3))
 
 

@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dspark_jax.kernels.prefix_accept.reference import RESIDUAL_MIN_MASS, log_weights
+from dspark_jax.kernels import draw
+from dspark_jax.kernels.prefix_accept.reference import RESIDUAL_MIN_MASS
 
 Array = jax.Array
 
@@ -178,7 +179,7 @@ def greedy_tree_accept(target_logits: Array, tokens: Array,
   return jnp.asarray(shape.depth)[leaf], best[rows, leaf], leaf
 
 
-def tree_accept(p: Array, q: Array, tokens: Array, uniforms: Array, noise: Array,
+def tree_accept(p: Array, q: Array, tokens: Array, uniforms: Array, sample_uniform: Array,
                 shape: TreeShape) -> tuple[Array, Array, Array]:
   """Sampled tree acceptance (recursive rejection over i.i.d. siblings).
 
@@ -188,7 +189,7 @@ def tree_accept(p: Array, q: Array, tokens: Array, uniforms: Array, noise: Array
       parent's; siblings share it). The root's is not read.
     tokens: int32 `[B, W]` node tokens.
     uniforms: float32 `[B, W]` in [0, 1), one per node (the root's unused).
-    noise: float32 `[B, V]` Gumbel noise for the emitted token.
+    sample_uniform: float32 `[B]` in [0, 1), the emitted token's inverse-CDF draw.
     shape: the tree.
 
   Returns:
@@ -218,6 +219,5 @@ def tree_accept(p: Array, q: Array, tokens: Array, uniforms: Array, noise: Array
     cur = jnp.where(moved, chosen, cur)
     r = jnp.where(moved[:, None], p[rows, cur], r)
     alive = moved
-  tok = jnp.argmax(noise + log_weights(r), axis=-1).astype(jnp.int32)
-  return jnp.asarray(shape.depth)[cur], tok, cur
+  return jnp.asarray(shape.depth)[cur], draw.inverse_cdf(sample_uniform, r), cur
 
