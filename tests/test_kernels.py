@@ -274,7 +274,7 @@ def test_runtime_sampler_reference_and_kernel_agree(kernels_env, name, reduced):
     kw = {}
     if not params.greedy:
       keys = jax.random.split(k[3], b)
-      kw = dict(uniforms=jnp.stack([jax.vmap(lambda key: jax.random.uniform(key, ()))(
+      kw = dict(uniforms=jnp.stack([draw.uniforms(
           runtime.position_keys(keys, j)) for j in range(p)], axis=1),
           temperature=jnp.broadcast_to(params.temperature, (b,)),
           greedy_rows=None if jnp.ndim(params.temperature) == 0 else params.temperature <= 0)
@@ -313,7 +313,7 @@ def _accept_inputs(b, p, v, seed=0):
 
 def _accept_randomness(pt, p, keys_accept, keys_sample):
   u = jax.vmap(lambda key: jax.random.uniform(key, (p,)))(keys_accept)
-  return u, jax.vmap(lambda key: jax.random.uniform(key, ()))(keys_sample)
+  return u, draw.uniforms(keys_sample)
 
 
 @pytest.mark.parametrize("greedy", [False, True], ids=["sampled", "greedy"])
