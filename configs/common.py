@@ -71,6 +71,9 @@ def base_config():
   c.train.log_every = 10
   c.train.checkpoint_every = 3000
   c.train.keep_checkpoints = 2
+  # --mode=export: 0 = the latest checkpoint (-> <workdir>/draft); N = step N's, if kept
+  # (-> <workdir>/draft_stepN)
+  c.train.export_step = 0
   c.train.export_dtype = "bfloat16"  # dtype of the exported draft (DeepSpec ships bf16)
   # Write the frozen embedding / LM head copies into the export, as DeepSpec does (its own
   # loader needs them; dspark_jax uses the target's and does not).

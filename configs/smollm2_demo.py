@@ -50,6 +50,7 @@ def get_config():
   c.train.compute_dtype = "float32"
   c.train.log_every = 10
   c.train.checkpoint_every = 100
+  c.train.keep_checkpoints = 8  # every 100 steps kept: tau against training tokens
   c.train.export_frozen = False  # the target supplies embed/LM head: ~29 MB instead of 142 MB
   c.eagle3.ttt_length = 5
   c.eagle3.loss_positions = 32

@@ -1,6 +1,7 @@
 """Continuous batching: a row's tokens do not depend on its batch-mates or on when it was
 admitted; per-request settings, stop strings, cancels and slot reuse."""
 
+import jax
 import pytest
 
 import dspark_jax as dj
@@ -139,6 +140,75 @@ def test_admissions_do_not_recompile_the_decode_loop(target, draft, speculative)
   seen = loop_lib.TRACE_COUNTS.get(name, 0)
   b.run(again())
   assert loop_lib.TRACE_COUNTS.get(name, 0) == seen
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_fewer_live_rows_run_a_compiled_program_while_theirs_compiles(target, draft,
+                                                                    speculative):
+  """When the live rows shrink to a bucket with no program yet, the step keeps running the
+  bigger compiled one (rows past the live ones are finished) and the smaller one compiles
+  on the helper thread, used once ready; the tokens are those of `generate` throughout."""
+  d = draft if speculative else None
+  b = ContinuousBatcher(target, d, slots=4, max_new_tokens=20, rounds_per_step=2, seed=3)
+  lens = [20, 3, 5, 9]
+  reqs = [Request(prompt=PROMPTS[i], max_new_tokens=lens[i], stop_tokens=[], request_id=i)
+          for i in range(4)]
+  for r in reqs:
+    b.submit(r)
+  picked, pick = [], b._program_rows
+  b._program_rows = lambda want, *a: picked.append((want, pick(want, *a))) or picked[-1][1]
+  fell_back = False
+  while not all(r.done for r in reqs):
+    b.step()
+    if picked[-1][0] < picked[-1][1]:
+      fell_back = True
+      assert b.wait_for_compiles(timeout=600)
+  assert picked[0] == (4, 4) and fell_back
+  assert picked[-1] == (1, 1)  # the compiled 1-row program took over
+  for i, r in enumerate(reqs):
+    assert r.tokens == _ref(target, d, i, lens[i], 0.0), i
+  off = ContinuousBatcher(target, d, slots=4, max_new_tokens=20, background_compile=False)
+  assert off._program_rows(1, sampling.SamplingParams.for_rows([0.0] * 4, [0] * 4, [1.0] * 4),
+                           {}) == 1
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_precompiled_programs_are_the_ones_steps_run(target, draft, speculative):
+  """`precompile` (a server's start) compiles on the helper thread, from shapes only; the
+  steps that follow trace and compile nothing more (JAX's caches are hit)."""
+  from dspark_jax.decoding import loop as loop_lib
+  name = "spec_rounds" if speculative else "ar_rounds"
+  d = draft if speculative else None
+  b = ContinuousBatcher(target, d, slots=4, max_new_tokens=10, rounds_per_step=2, seed=5)
+  compiled = []  # backend compilations of the rounds program, from JAX's monitoring events
+  listen = lambda event, secs, **kw: compiled.append(kw.get("fun_name", ""))
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    b.precompile([1, 2])
+    assert b.wait_for_compiles(timeout=600)
+    assert f"_{name}" in str(compiled)  # (the rounds program was not in JAX's caches yet)
+    before, compiled[:] = loop_lib.TRACE_COUNTS.get(name, 0), []
+    reqs = [Request(prompt=PROMPTS[i], max_new_tokens=10, stop_tokens=[], request_id=i)
+            for i in (1, 2)]
+    b.run(reqs)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert loop_lib.TRACE_COUNTS.get(name, 0) == before
+  assert f"_{name}" not in str(compiled), compiled
+  assert [r.tokens for r in reqs] == [_ref(target, d, i, 10, 0.0) for i in (1, 2)]
+
+
+def test_offline_steps_hand_out_first_tokens_after_one_round(target):
+  """`run` / batch jobs: the step that admits requests runs one round, so time to first
+  token is one round, not the time until some row finishes."""
+  b = ContinuousBatcher(target, None, slots=2, max_new_tokens=24)
+  first = {}
+  reqs = [Request(prompt=PROMPTS[i], max_new_tokens=24, stop_tokens=[], request_id=i,
+                  on_update=lambda r: first.setdefault(r.request_id, len(r.tokens)))
+          for i in range(3)]
+  b.run(reqs)
+  assert sorted(first) == [0, 1, 2] and max(first.values()) <= 2, first
+  assert all(r.t_first < r.t_done and len(r.tokens) == 24 for r in reqs)
 
 
 def test_a_step_returns_when_a_row_finishes_and_work_waits(target):

@@ -145,3 +145,21 @@ def test_sample_with_probs_is_sample_and_probabilities():
       np.testing.assert_allclose(probs, want, rtol=1e-6, atol=1e-7)
       # Each token lies in its row's support (one-hot rows: the argmax).
       assert (np.take_along_axis(np.asarray(want), np.asarray(tok)[:, None], 1) > 0).all()
+
+
+def test_top_k_only_settings_look_at_fewer_candidates():
+  """Without top-p the filter only needs each row's top_k largest logits: the static
+  candidate count is the power of two covering them (fewer programs than distinct k)."""
+  make, rows = sampling.SamplingParams.make, sampling.SamplingParams.for_rows
+  assert make(1.0, 50).candidates == 64 and make(1.0, 3).candidates == 16
+  assert make(1.0, 50, 0.9).candidates == 0 and make(1.0, 0, 0.9).candidates == 0
+  assert make(1.0, 300).candidates == 0 and make(0.0, 50).candidates == 0
+  assert rows([1.0, 0.0], [20, 300], [1.0, 0.5]).candidates == 32  # greedy rows: ignored
+  assert rows([1.0, 1.0], [20, 0], [1.0, 1.0]).candidates == 32
+  # The exact filter is the full sort's whatever the count (rows with k > count included).
+  x = _rows(16, seed=3, ties=True)
+  params = rows([1.0] * 16, [1, 3, 7, 20] * 4, [1.0] * 16)
+  assert params.candidates == 32
+  k, top_p = _args(x, params)
+  want = sampling._filter(x, -jnp.sort(-x, axis=-1), k, top_p)[0]
+  _same(jax.jit(lambda x: sampling.processed_logits(x, params))(x), want)

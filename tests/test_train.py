@@ -115,10 +115,10 @@ def test_tiny_training_learns(algorithm, prepared, target, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Exact resume after SIGKILL.
 # ---------------------------------------------------------------------------------------------
-def _draft_tensors(wd):
+def _draft_tensors(wd, name="draft"):
   from safetensors.numpy import load_file
   out = {}
-  for f in sorted(glob.glob(os.path.join(wd, "draft", "*.safetensors"))):
+  for f in sorted(glob.glob(os.path.join(wd, name, "*.safetensors"))):
     out.update(load_file(f))
   return out
 
@@ -154,6 +154,14 @@ def test_resume_after_sigkill_matches_uninterrupted(prepared, tmp_path):
   # Lines the killed run logged after its last checkpoint are replaced, not duplicated.
   steps_of = lambda wd: [json.loads(l)["step"] for l in open(os.path.join(wd, "metrics.jsonl"))]
   assert steps_of(wd_b) == steps_of(wd_a)
+  # An earlier checkpoint still kept exports beside the final draft; one not kept is an error.
+  driver.run(tiny_config(**over, **{"train.export_step": 100}), wd_a, mode="export",
+             progress=False)
+  early = _draft_tensors(wd_a, "draft_step100")
+  assert early.keys() == a.keys() and any(np.abs(early[k] - a[k]).max() > 0 for k in a)
+  with pytest.raises(ValueError, match="no checkpoint of step 40"):
+    driver.run(tiny_config(**over, **{"train.export_step": 40}), wd_a, mode="export",
+               progress=False)
 
 
 # ---------------------------------------------------------------------------------------------

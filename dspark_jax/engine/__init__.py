@@ -148,6 +148,15 @@ def _spec_rounds(tgraph, tparams, dgraph, dparams, state, seed_key, params, sche
   return _put_head(state, head, rows)
 
 
+def _abstract(x):
+  """What `jit(...).lower` needs of an argument leaf: its type, and its sharding when it is
+  committed (so the lowering matches a later call with the real array)."""
+  if not isinstance(x, jax.Array):
+    return x
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if x.committed else None,
+                              weak_type=x.aval.weak_type)
+
+
 @functools.partial(jax.jit, donate_argnames=("state",))
 def _insert(state, new, slots):
   """Rows `slots` `[n]` of `state` replaced by the n rows of `new` (batch-major leaves).
@@ -285,22 +294,52 @@ class Engine:
 
     `rows` (static): only the first `rows` rows run (the others keep their state), so a
     server with few live requests in its low slots does not pay for all of them; one
-    program per distinct value. `stop_on_finish` (an argument, not compiled in): return
-    after the round in which some row finishes, so its slot can be refilled at once.
+    program per distinct value (`rounds_compiler` builds one ahead, off the caller's
+    thread). `stop_on_finish` (an argument, not compiled in): return after the round in
+    which some row finishes, so its slot can be refilled at once.
     """
+    fn, args, kwargs = self._rounds_call(state, num_rounds, seed_key, params, draft=draft,
+                                         loop=loop, scheduler=scheduler,
+                                         verify_cap=verify_cap, rows=rows,
+                                         stop_on_finish=stop_on_finish)
+    return fn(*args, **kwargs)
+
+  def rounds_compiler(self, state, seed_key, params, *, draft=None,
+                      loop: speculative.LoopSpec | None = None, scheduler=None,
+                      verify_cap=None, rows: int | None = None):
+    """A no-argument function that compiles the `rounds` program these arguments would run,
+    without running it.
+
+    The arguments' shapes, dtypes and shardings are read now (so `state` may be donated by
+    a later call), the tracing and compiling happen when the function is called: a server
+    calls it on a helper thread and keeps decoding with a program it already has. The later
+    `rounds` call with matching arguments then reuses the compiled program (JAX's trace,
+    lowering and compilation caches).
+    """
+    fn, args, kwargs = self._rounds_call(state, 1, seed_key, params, draft=draft, loop=loop,
+                                         scheduler=scheduler, verify_cap=verify_cap,
+                                         rows=rows, stop_on_finish=False)
+    graphs = [self.target.graphdef] + ([draft.graphdef] if draft is not None else [])
+    args = [a if any(a is g for g in graphs) else jax.tree.map(_abstract, a) for a in args]
+    return lambda: fn.lower(*args, **kwargs).compile()
+
+  def _rounds_call(self, state, num_rounds, seed_key, params, *, draft, loop, scheduler,
+                   verify_cap, rows, stop_on_finish):
+    """(jitted function, arguments, static keywords) of one `rounds` call."""
     t = self.target
     n = jnp.int32(num_rounds)
     stop = jnp.asarray(bool(stop_on_finish))
     if rows is not None and rows >= next(x.shape[0] for x in jax.tree.leaves(state) if x.ndim):
       rows = None
     if loop is None:
-      return _ar_rounds(t.graphdef, t.params, state, seed_key, params, n, stop, rows=rows)
+      return (_ar_rounds, (t.graphdef, t.params, state, seed_key, params, n, stop),
+              dict(rows=rows))
     d = draft
     b = state.anchor.shape[0]
     cap = jnp.asarray(verify_cap if verify_cap is not None
                       else np.full((b,), loop.num_draft, np.int32))
-    return _spec_rounds(t.graphdef, t.params, d.graphdef, d.params, state, seed_key, params,
-                        scheduler, cap, n, stop, loop=loop, rows=rows)
+    return (_spec_rounds, (t.graphdef, t.params, d.graphdef, d.params, state, seed_key, params,
+                           scheduler, cap, n, stop), dict(loop=loop, rows=rows))
 
   @staticmethod
   def insert(state, new, slots):

@@ -97,19 +97,25 @@ def serve(config, out=sys.stdout) -> dict[str, Any] | None:
   if config.mode == "server":
     from dspark_jax.serving.server import Server
     name = config.model_name or config.target
-    print(f"serving {name!r} on http://{config.host}:{config.port}/v1 (Ctrl-C stops)",
-          file=sys.stderr, flush=True)
+    print(f"serving {name!r} on http://{config.host}:{config.port}/v1 (Ctrl-C stops); "
+          "decode programs compile in the background", file=sys.stderr, flush=True)
+    batcher.precompile()
     Server(target, batcher, host=config.host, port=config.port, model_name=name,
            max_waiting=config.max_waiting).serve_forever()
     return None
   if config.mode == "chat":
     from dspark_jax.serving.chat import chat_loop
+    batcher.precompile([1])  # one conversation: compiles while the first message is typed
     chat_loop(target, batcher, max_new_tokens=config.max_new_tokens, **sample)
     return None
   if config.warmup:
-    # Compiles the prefill and decode programs first, so tokens/s below is steady state.
+    # Compiles the prefill and decode programs first, so tokens/s below is steady state: the
+    # job's first admission (the same rows, as many as fit the slots) compiles the programs
+    # it starts with; smaller live-row programs compile in the background as rows finish.
     print("warm-up (compiling; not timed) ...", file=sys.stderr, flush=True)
-    warm = [{"id": "warmup", "turns": rows[0]["turns"][:1]}]
+    first = min(config.batch_size, len(rows) * config.n)
+    warm = [{"id": f"warmup-{i}", "turns": rows[i % len(rows)]["turns"][:1]}
+            for i in range(first)]
     jobs.run_job(target, batcher, warm, max_new_tokens=min(8, config.max_new_tokens),
                  chat=config.chat, progress=False, **sample)
   summary = jobs.run_job(target, batcher, rows, max_new_tokens=config.max_new_tokens,

@@ -26,6 +26,7 @@ import collections
 import dataclasses
 import functools
 import itertools
+import sys
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -145,12 +146,15 @@ class ContinuousBatcher:
     rounds_per_step: rounds per device call between admissions (latency vs host overhead).
     num_draft_tokens / scheduler / tree: as in `generate`.
     seed: RNG seed shared by all requests (each has its own request id stream).
+    background_compile: when fewer rows are live than the smallest compiled program covers,
+      keep running that program and compile the smaller one on a helper thread (a compile
+      takes about a minute for a 30-layer model on a CPU); False: compile it at once.
   """
 
   def __init__(self, target, draft=None, *, slots: int = 8, max_new_tokens: int = 256,
                max_prompt_len: int | None = None, rounds_per_step: int = 4,
                num_draft_tokens: int | None = None, scheduler="fixed", seed: int = 0,
-               tree=None):
+               tree=None, background_compile: bool = True):
     from dspark_jax import generation  # SpecSetup: validation shared with generate
     if slots < 1:
       raise ValueError(f"slots must be >= 1, got {slots}")
@@ -192,6 +196,15 @@ class ContinuousBatcher:
     self._top_p = np.ones((slots,), np.float32)
     self._stops = max(4, len(target.stop_token_ids))
     self.state = None
+    self.background_compile = background_compile
+    # Decode-round programs by (rows, sampling-parameter structure): compiled, or being
+    # compiled on the helper thread (key -> threading.Event set when it is done or failed).
+    self._ready: set = set()
+    self._compiling: dict[Any, threading.Event] = {}
+    self._compile_jobs: collections.deque = collections.deque()
+    self._compile_lock = threading.Lock()
+    self._compile_thread: threading.Thread | None = None
+    self._tail = False  # offline, nothing waiting: no new background compiles (see step)
 
   # ---- requests ---------------------------------------------------------------------------
   def check(self, req: Request) -> None:
@@ -309,9 +322,7 @@ class ContinuousBatcher:
 
     The device call also returns as soon as a row finishes when `stop_on_finish` (default:
     whenever requests are waiting for a slot), so a freed slot is refilled after one round,
-    not after the rest of the step. Offline jobs pass a large `max_rounds` with
-    `stop_on_finish=True`: one host round trip per finished request instead of one every
-    `rounds_per_step` rounds.
+    not after the rest of the step. Offline work uses `offline_step`.
 
     Returns the requests that got new tokens or ended in this step.
     """
@@ -331,11 +342,105 @@ class ContinuousBatcher:
     if any(r is not None and r.stop_strings for r in self._rows):
       # Stop strings are matched on the host: a long call would decode past them.
       rounds = min(rounds, self.rounds_per_step)
-    self.state = self.engine.rounds(self.state, rounds, self.seed_key, params,
-                                    rows=min(bucket(live + 1, minimum=1), self.slots),
+    rows = self._program_rows(min(bucket(live + 1, minimum=1), self.slots), params, kw)
+    self.state = self.engine.rounds(self.state, rounds, self.seed_key, params, rows=rows,
                                     stop_on_finish=stop_on_finish, **kw)
+    self._ready.add((rows, jax.tree.structure(params)))
     self.counters.steps += 1
     return self._harvest()
+
+  # ---- programs ---------------------------------------------------------------------------
+  def _program_rows(self, want: int, params, kw) -> int:
+    """The live-row bucket to run: `want`, or while its program is not compiled yet the
+    smallest bigger one that is (same tokens: rows past the live ones are finished and
+    change nothing), with `want` queued for the helper thread."""
+    structure = jax.tree.structure(params)
+    key = (want, structure)
+    if not self.background_compile or key in self._ready:
+      return want
+    bigger = [r for r, s in list(self._ready) if s == structure and r > want]
+    if not bigger:
+      if key in self._compiling:  # being compiled already: wait for it, do not compile twice
+        self._compiling[key].wait()
+      return want  # else nothing to fall back on: compile it now
+    if not self._tail:
+      self._compile_later(want, params, kw)
+    return min(bigger)
+
+  def _compile_later(self, rows: int, params, kw) -> None:
+    key = (rows, jax.tree.structure(params))
+    if key in self._compiling or key in self._ready:
+      return
+    self._compiling[key] = threading.Event()
+    compile_fn = self.engine.rounds_compiler(self.state, self.seed_key, params, rows=rows, **kw)
+    self._queue_compile(key, compile_fn)
+
+  def precompile(self, rows: Sequence[int] | None = None) -> None:
+    """Queues the greedy decode-round programs of these live-row counts (default every
+    bucket: 1 first, then all B slots, then the rest) for the helper thread, so a server or
+    chat session compiles while it waits for its first request instead of after it."""
+    if self.state is None:
+      self.state, _ = self._init([], self.slots)
+    kw = self._loop_kw()
+    if self.spec is not None:
+      kw["scheduler"] = self.spec.scheduler
+    params = self._params(self._temp, self._top_k, self._top_p)
+    if rows is None:
+      rows = [1, self.slots] + [min(bucket(n, minimum=1), self.slots)
+                                for n in range(1, self.slots + 1)]
+    for n in rows:
+      self._compile_later(min(bucket(n, minimum=1), self.slots), params, kw)
+
+  def _queue_compile(self, key, compile_fn) -> None:
+    with self._compile_lock:
+      self._compile_jobs.append((key, compile_fn))
+      if self._compile_thread is None:
+        # Not a daemon: a thread killed inside an XLA compile at exit aborts the process, so
+        # exit waits for the compile under way (the queued ones are dropped, see below).
+        self._compile_thread = threading.Thread(target=self._compile_loop,
+                                                name="dspark-compile")
+        self._compile_thread.start()
+
+  def _compile_loop(self) -> None:
+    """Compiles the queued programs, then ends (a new one starts with the next job)."""
+    while True:
+      with self._compile_lock:
+        if not self._compile_jobs or not threading.main_thread().is_alive():
+          for key, _ in self._compile_jobs:  # the program is exiting: drop the rest
+            self._compiling[key].set()
+          self._compile_jobs.clear()
+          self._compile_thread = None
+          return
+        key, compile_fn = self._compile_jobs.popleft()
+      try:
+        compile_fn()
+        self._ready.add(key)
+      except Exception as e:  # noqa: BLE001 - the step compiles it itself when needed
+        print(f"background compile of the {key[0]}-row program failed: {e}", file=sys.stderr)
+      finally:
+        self._compiling[key].set()
+
+  def wait_for_compiles(self, timeout: float | None = None) -> bool:
+    """Waits until every queued background compile has ended; False on timeout."""
+    deadline = None if timeout is None else time.perf_counter() + timeout
+    for event in list(self._compiling.values()):
+      left = None if deadline is None else max(0.0, deadline - time.perf_counter())
+      if not event.wait(left):
+        return False
+    return True
+
+  def offline_step(self) -> list[Request]:
+    """A step for offline work (nobody streams): runs until some row finishes, one host
+    round trip per finished request; a step that admits requests runs one round only, so
+    their first tokens (time to first token) are handed out at once."""
+    admits = self.num_waiting > 0 and self.num_running < self.slots
+    # With nothing waiting only the running rows' tail is left: a smaller program compiled
+    # now would mostly be ready after it (short jobs would only wait for it at exit).
+    self._tail = self.num_waiting == 0
+    try:
+      return self.step(max_rounds=1 if admits else self.out_len, stop_on_finish=True)
+    finally:
+      self._tail = False
 
   def _harvest(self) -> list[Request]:
     s = self.state
@@ -416,11 +521,11 @@ class ContinuousBatcher:
   # ---- convenience ------------------------------------------------------------------------
   def run(self, reqs: Sequence[Request], progress: Callable[[list[Request]], None] | None = None
           ) -> list[Request]:
-    """Submits `reqs` and steps until all have ended (offline: see `step`)."""
+    """Submits `reqs` and steps (`offline_step`) until all have ended."""
     for r in reqs:
       self.submit(r)
     while not all(r.done for r in reqs):
-      touched = self.step(max_rounds=self.out_len, stop_on_finish=True)
+      touched = self.offline_step()
       if progress is not None:
         progress(touched)
     return list(reqs)

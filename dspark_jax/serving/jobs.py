@@ -196,8 +196,7 @@ def run_job(target, batcher: ContinuousBatcher, rows: Sequence[dict], *, max_new
     submit(queue.pop(0))
   try:
     while pending:
-      # Offline: one device call runs until some request finishes (see `step`).
-      for req in batcher.step(max_rounds=batcher.out_len, stop_on_finish=True):
+      for req in batcher.offline_step():
         if not req.done:
           continue
         r = pending.pop(id(req))

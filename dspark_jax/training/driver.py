@@ -173,13 +173,19 @@ class Trainer:
                            out_shardings=(self.state_sh, None))
     return state
 
-  def restore_latest(self):
-    """The latest checkpointed TrainState (for `--mode=export`)."""
+  def restore_latest(self, step: int | None = None):
+    """The latest checkpointed TrainState, or step `step`'s (for `--mode=export`)."""
     state = self.build(1)
-    ckpt = train_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"))
-    step = ckpt.latest_step()
-    if step is None:
+    ckpt = train_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                  keep=self.config.train.get("keep_checkpoints", 2))
+    latest = ckpt.latest_step()
+    if latest is None:
       raise FileNotFoundError(f"no checkpoint under {self.workdir}/checkpoints: train first")
+    if step is None:
+      step = latest
+    elif step not in ckpt.mngr.all_steps():
+      raise ValueError(f"no checkpoint of step {step} under {self.workdir}/checkpoints; "
+                       f"kept: {sorted(ckpt.mngr.all_steps())}")
     abstract = abstract_like(state)
     state, _ = ckpt.restore(step, abstract)
     ckpt.close()
@@ -398,7 +404,11 @@ def stage_train(config, workdir, trainer: Trainer, *, kill_after=None, progress=
 def stage_export(config, workdir, trainer: Trainer, state=None):
   from dspark_jax.drafts.checkpoint import save_draft
   paths = data_paths(workdir)
-  if state is None:
+  out = paths["draft"]
+  step = config.train.get("export_step", 0)
+  if step:  # an earlier checkpoint (tau against training tokens), beside the final draft
+    state, out = trainer.restore_latest(step), f"{out}_step{step}"
+  elif state is None:
     state = trainer.restore_latest()
   draft = trainer.draft_from_state(state)
   draft.target = trainer.target
@@ -406,10 +416,10 @@ def stage_export(config, workdir, trainer: Trainer, state=None):
   draft.step_loss_decay = config.eagle3.step_loss_decay
   draft.target_name = config.target
   if jax.process_index() == 0:  # one writer in a multi-host run (all hosts gathered)
-    save_draft(draft, paths["draft"], dtype=config.train.export_dtype,
+    save_draft(draft, out, dtype=config.train.export_dtype,
                include_frozen=config.train.export_frozen)
-    log(f"exported draft -> {paths['draft']}")
-  return paths["draft"]
+    log(f"exported draft -> {out}")
+  return out
 
 
 def run(config, workdir: str, mode: str = "all", *, kill_after=None, progress=True):
