@@ -61,6 +61,27 @@ def test_job_multi_turn_and_samples(target, tmp_path):
   assert len({json.dumps(r["output"]) for r in recs if r["id"] == "q0"}) == 2
 
 
+def test_a_refused_row_is_written_as_an_error_and_retried_by_a_rerun(target, tmp_path):
+  """A prompt longer than the server's limit does not stop the job: its row is written with
+  the one-line error (not counted as done), the others are answered; a rerun with a longer
+  limit answers it."""
+  rows = [{"id": "short", "turns": ["Hi."]}, {"id": "long", "turns": ["word " * 200]},
+          {"id": "short2", "turns": ["Count to 3."]}]
+  out = str(tmp_path / "out.jsonl")
+  b = ContinuousBatcher(target, None, slots=2, max_new_tokens=8, max_prompt_len=64)
+  s = jobs.run_job(target, b, rows, max_new_tokens=8, output=out, progress=False,
+                   out=io.StringIO())
+  recs = [json.loads(x) for x in open(out)]
+  assert s["rows_done"] == 2 and s["rows_refused"] == 1
+  bad = [r for r in recs if r["id"] == "long"]
+  assert len(bad) == 1 and bad[0]["finish_reason"] == "error" and "at most 64" in bad[0]["error"]
+  assert jobs.done_keys(out) == {(json.dumps("short"), 0), (json.dumps("short2"), 0)}
+  b = ContinuousBatcher(target, None, slots=2, max_new_tokens=8, max_prompt_len=1024)
+  s = jobs.run_job(target, b, rows, max_new_tokens=8, output=out, progress=False)
+  assert s["rows_done"] == 1 and s["rows_skipped"] == 2 and s["rows_refused"] == 0
+  assert len(jobs.done_keys(out)) == 3
+
+
 def test_prompt_file_errors_name_the_line(tmp_path):
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"prompt": "a"}\n{"nothing": 1}\n')

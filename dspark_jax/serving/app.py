@@ -23,6 +23,8 @@ def _check(config) -> None:
   for name in ("batch_size", "max_new_tokens", "n", "rounds_per_step"):
     if config[name] < 1:
       raise ValueError(f"--config.{name} must be >= 1, got {config[name]}")
+  if config.get("max_prompt_len", 0) < 0:
+    raise ValueError(f"--config.max_prompt_len must be >= 0, got {config.max_prompt_len}")
   if not 0 <= config.port < 65536:
     raise ValueError(f"--config.port must be in [0, 65535], got {config.port}")
   if config.get("tree", ""):
@@ -77,6 +79,7 @@ def make_batcher(config, target, draft, out=sys.stderr) -> ContinuousBatcher:
       profile.sps_profile(target, draft, batch=config.batch_size)
   return ContinuousBatcher(target, draft, slots=config.batch_size,
                            max_new_tokens=config.max_new_tokens,
+                           max_prompt_len=config.get("max_prompt_len", 0) or None,
                            rounds_per_step=config.rounds_per_step,
                            num_draft_tokens=config.num_draft_tokens or None,
                            scheduler=scheduler, seed=config.seed, tree=tree)

@@ -175,6 +175,9 @@ class ContinuousBatcher:
     self.out_len = bucket(max_new_tokens)
     if max_prompt_len is None:
       max_prompt_len = limit - max_new_tokens - extra
+    elif max_prompt_len + max_new_tokens + extra > limit:
+      raise ValueError(f"max_prompt_len={max_prompt_len} + max_new_tokens={max_new_tokens} "
+                       f"exceeds the model's {limit} positions")
     if max_prompt_len < 1:
       raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
                        f"model's {limit} positions")

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dspark_jax.serving.batcher import ContinuousBatcher, Request
+from dspark_jax.serving.batcher import ContinuousBatcher, Request, RequestError
 
 DEMO_PROMPTS = (
     "What is the capital of France?",
@@ -74,7 +74,8 @@ def read_prompts(path: str, limit: int = 0) -> list[dict[str, Any]]:
 
 
 def done_keys(path: str) -> set:
-  """(id, sample) pairs already in an output file (a torn last line is ignored)."""
+  """(id, sample) pairs already answered in an output file (a torn last line and rows
+  written as errors are not: a rerun, e.g. with a longer `max_prompt_len`, retries them)."""
   keys = set()
   if not path or not os.path.exists(path):
     return keys
@@ -84,7 +85,8 @@ def done_keys(path: str) -> set:
         rec = json.loads(line)
       except json.JSONDecodeError:
         continue  # a line cut by a kill: its row is redone
-      keys.add((_key(rec["id"]), rec.get("sample", 0)))
+      if "error" not in rec:  # a row refused before (e.g. prompt too long) is retried
+        keys.add((_key(rec["id"]), rec.get("sample", 0)))
   return keys
 
 
@@ -143,6 +145,7 @@ def run_job(target, batcher: ContinuousBatcher, rows: Sequence[dict], *, max_new
     bar = tqdm(total=len(todo), desc="generate", unit="row", file=out, dynamic_ncols=True)
   finished: list[_Row] = []
   pending = {}  # id(request) -> _Row
+  refused: list[dict] = []  # rows the batcher refused (written with their error)
   t0 = time.perf_counter()
   tokens = 0
 
@@ -165,9 +168,24 @@ def run_job(target, batcher: ContinuousBatcher, rows: Sequence[dict], *, max_new
     req = Request(prompt=prompt_ids(r), max_new_tokens=max_new_tokens, temperature=temperature,
                   top_k=top_k, top_p=top_p, stop_strings=tuple(stop_strings),
                   request_id=r.request_id + r.turn * (1 << 20), id=r.row["id"])
-    batcher.submit(req)
+    try:
+      batcher.submit(req)
+    except RequestError as e:  # this row only (e.g. prompt too long): recorded, job goes on
+      refuse(r, str(e))
+      return
     r.reqs.append(req)
     pending[id(req)] = r
+
+  def refuse(r: _Row, message: str) -> None:
+    rec = {"id": r.row["id"], "sample": r.sample, "turns": r.row["turns"],
+           "output": r.answers or None, "finish_reason": "error", "error": message}
+    if sink is not None:
+      sink.write(json.dumps(rec) + "\n")
+      sink.flush()
+    print(f"row {r.row['id']!r}: {message}", file=out, flush=True)
+    refused.append(rec)
+    if bar is not None:
+      bar.update(1)
 
   def write(r: _Row) -> None:
     reqs = r.reqs
@@ -222,7 +240,8 @@ def run_job(target, batcher: ContinuousBatcher, rows: Sequence[dict], *, max_new
   lat = [r.record["latency_s"] for r in finished]
   ttft = [r.record["ttft_s"] for r in finished if r.record["ttft_s"] is not None]
   pct = lambda xs, q: round(float(np.percentile(xs, q)), 4) if xs else None
-  summary = {"rows_done": len(finished), "rows_skipped": skipped, "new_tokens": tokens,
+  summary = {"rows_done": len(finished), "rows_skipped": skipped, "rows_refused": len(refused),
+             "new_tokens": tokens,
              "wall_time_s": round(wall, 3), "tokens_per_second": round(tokens / max(wall, 1e-9), 2),
              "latency_p50_s": pct(lat, 50), "latency_p99_s": pct(lat, 99),
              "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99)}
