@@ -136,7 +136,9 @@ class FeatureCache:
     self.hidden = self.manifest["hidden_size"]
 
   def read(self, indices: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    rows = [np.asarray(self.store[int(i), :seq_len].read().result()) for i in indices]
+    # All reads are issued before any is waited on: tensorstore runs them concurrently.
+    reads = [self.store[int(i), :seq_len].read() for i in indices]
+    rows = [np.asarray(r.result()) for r in reads]
     arr = np.stack(rows).astype(np.float32)
     c = self.num_taps * self.hidden
     return arr[..., :c], arr[..., c:]
