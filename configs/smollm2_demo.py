@@ -1,18 +1,20 @@
 """The demo drafts for SmolLM2-135M-Instruct (the embedded model), sized for a 2-core CPU.
 
-Recipe (rerun with `bash scripts/train_demo_drafts.sh`):
-  * data: all 7,473 GSM8K training questions (../shared/data/train/gsm8k_train.jsonl). The
-    answers SmolLM2 regenerated so far (data/demo_v2/, T=0.7, top-p 0.8, top-k 20, <= 256 new
-    tokens) are used as they are; the other questions keep GSM8K's reference answer, calculator
-    annotations removed (`data.reference_answers`). The loss is mostly the L1 distance to the
-    target's own distribution at each position, so off-policy text still teaches the target's
-    predictions; regenerating the rest (resumable) replaces them;
+Recipe (rerun with `REGENERATE=1 bash scripts/train_demo_drafts.sh ROOT "dspark dflash eagle3"`):
+  * data: the 7,473 GSM8K training questions (../shared/data/train/gsm8k_train.jsonl) plus
+    768 code and 768 chat prompts built from the standard library, answered by SmolLM2
+    itself (T=0.7, top-p 0.8, top-k 20, <= 256 new tokens; resumable, a rerun skips done
+    ids). Training uses the rows regenerated so far; a GSM8K question not regenerated yet
+    keeps GSM8K's reference answer, calculator annotations removed
+    (`data.reference_answers`). The run of 2026-12-05 had 7,985 rows: every GSM8K question,
+    377 code and 135 chat prompts (2.17M tokens, 1.46M of them in replies);
   * target features cached once (bf16 tensorstore, length-bucketed, resumable), shared by the
     three drafts;
   * drafts of the same depth (2 layers), taps (1, 14, 27), block 5, Markov rank 64 (DSpark),
-    proposing over the 8,192 most frequent reply tokens (99.7 % of them; q = 0 elsewhere, still
-    lossless), 32 anchors per sequence (Eagle3: its loss at 32 sampled positions per sequence),
-    AdamW 1e-3, batch 16, 800 steps (1.7 epochs; ~1 s a step on 2 cores).
+    proposing over the 8,192 most frequent reply tokens (q = 0 elsewhere, still lossless),
+    32 anchors per sequence (Eagle3: its loss at 32 sampled positions per sequence), AdamW
+    1e-3, batch 16, 800 steps (1.6 epochs; ~3 s a step on 2 cores, ~45 min), a checkpoint
+    kept every 100 steps (`scripts/tau_curve.sh`).
 DeepSpec's recipe (configs/qwen3_*.py) is the same pipeline at 5 layers, block 7, rank 256,
 512 anchors, full vocabulary and global batch 512 on ~1.2M regenerated samples.
 """
@@ -46,7 +48,7 @@ def get_config():
   c.train.global_batch_size = 16
   c.train.micro_batch_size = 8
   c.train.epochs = 1
-  c.train.max_steps = 800  # ~1 s a step on 2 CPU cores (~14 min)
+  c.train.max_steps = 800  # ~3 s a step on 2 CPU cores (~45 min)
   c.train.compute_dtype = "float32"
   c.train.log_every = 10
   c.train.checkpoint_every = 100
