@@ -207,7 +207,6 @@ class ContinuousBatcher:
     self._compile_jobs: collections.deque = collections.deque()
     self._compile_lock = threading.Lock()
     self._compile_thread: threading.Thread | None = None
-    self._tail = False  # offline, nothing waiting: no new background compiles (see step)
 
   # ---- requests ---------------------------------------------------------------------------
   def check(self, req: Request) -> None:
@@ -261,6 +260,12 @@ class ContinuousBatcher:
     if self.spec is None:
       return {}
     return dict(draft=self.draft, loop=self.spec.loop)
+
+  def _rounds_kw(self) -> dict:
+    kw = self._loop_kw()
+    if self.spec is not None:
+      kw["scheduler"] = self.spec.scheduler
+    return kw
 
   def _batch(self, reqs: Sequence[Request], rows: int) -> Batch:
     tp = bucket(max([1] + [len(r.prompt) for r in reqs]))
@@ -319,13 +324,14 @@ class ContinuousBatcher:
       return True
     return False
 
-  def step(self, max_rounds: int | None = None,
-           stop_on_finish: bool | None = None) -> list[Request]:
+  def step(self, max_rounds: int | None = None, stop_on_finish: bool | None = None,
+           compile_ahead: bool = True) -> list[Request]:
     """Admits, runs up to `max_rounds` rounds (default `rounds_per_step`), hands out tokens.
 
     The device call also returns as soon as a row finishes when `stop_on_finish` (default:
     whenever requests are waiting for a slot), so a freed slot is refilled after one round,
-    not after the rest of the step. Offline work uses `offline_step`.
+    not after the rest of the step. Offline work uses `offline_step`. `compile_ahead`:
+    whether a live-row program not compiled yet may be queued for the helper thread.
 
     Returns the requests that got new tokens or ended in this step.
     """
@@ -333,9 +339,7 @@ class ContinuousBatcher:
     if self.num_running == 0:
       return []
     params = self._params(self._temp, self._top_k, self._top_p)
-    kw = self._loop_kw()
-    if self.spec is not None:
-      kw["scheduler"] = self.spec.scheduler
+    kw = self._rounds_kw()
     # Only the slots up to the highest live one (bucketed) run: admissions fill the lowest
     # free slots, so at low load the live rows sit at the bottom.
     live = max(i for i, r in enumerate(self._rows) if r is not None)
@@ -345,7 +349,8 @@ class ContinuousBatcher:
     if any(r is not None and r.stop_strings for r in self._rows):
       # Stop strings are matched on the host: a long call would decode past them.
       rounds = min(rounds, self.rounds_per_step)
-    rows = self._program_rows(min(bucket(live + 1, minimum=1), self.slots), params, kw)
+    rows = self._program_rows(min(bucket(live + 1, minimum=1), self.slots), params, kw,
+                              compile_ahead)
     self.state = self.engine.rounds(self.state, rounds, self.seed_key, params, rows=rows,
                                     stop_on_finish=stop_on_finish, **kw)
     self._ready.add((rows, jax.tree.structure(params)))
@@ -353,7 +358,7 @@ class ContinuousBatcher:
     return self._harvest()
 
   # ---- programs ---------------------------------------------------------------------------
-  def _program_rows(self, want: int, params, kw) -> int:
+  def _program_rows(self, want: int, params, kw, compile_ahead: bool = True) -> int:
     """The live-row bucket to run: `want`, or while its program is not compiled yet the
     smallest bigger one that is (same tokens: rows past the live ones are finished and
     change nothing), with `want` queued for the helper thread."""
@@ -366,7 +371,7 @@ class ContinuousBatcher:
       if key in self._compiling:  # being compiled already: wait for it, do not compile twice
         self._compiling[key].wait()
       return want  # else nothing to fall back on: compile it now
-    if not self._tail:
+    if compile_ahead:
       self._compile_later(want, params, kw)
     return min(bigger)
 
@@ -384,9 +389,7 @@ class ContinuousBatcher:
     chat session compiles while it waits for its first request instead of after it."""
     if self.state is None:
       self.state, _ = self._init([], self.slots)
-    kw = self._loop_kw()
-    if self.spec is not None:
-      kw["scheduler"] = self.spec.scheduler
+    kw = self._rounds_kw()
     params = self._params(self._temp, self._top_k, self._top_p)
     if rows is None:
       rows = [1, self.slots] + [min(bucket(n, minimum=1), self.slots)
@@ -439,11 +442,8 @@ class ContinuousBatcher:
     admits = self.num_waiting > 0 and self.num_running < self.slots
     # With nothing waiting only the running rows' tail is left: a smaller program compiled
     # now would mostly be ready after it (short jobs would only wait for it at exit).
-    self._tail = self.num_waiting == 0
-    try:
-      return self.step(max_rounds=1 if admits else self.out_len, stop_on_finish=True)
-    finally:
-      self._tail = False
+    return self.step(max_rounds=1 if admits else self.out_len, stop_on_finish=True,
+                     compile_ahead=self.num_waiting > 0)
 
   def _harvest(self) -> list[Request]:
     s = self.state
