@@ -20,6 +20,8 @@ from dspark_jax.decoding import speculative
 from dspark_jax.decoding.state import Batch
 from dspark_jax.engine import Engine, bucket
 from dspark_jax.engine import profile
+from dspark_jax.engine.batcher import ContinuousBatcher, Request
+from dspark_jax.engine.spec_setup import SpecSetup
 
 
 class PromptTooLongError(ValueError):
@@ -141,80 +143,13 @@ def _stop_lists(target, stop_tokens, n: int) -> list[list[int]]:
   return [list(map(int, stop_tokens))] * n
 
 
-@dataclasses.dataclass
-class SpecSetup:
-  """Validated speculative settings for one `generate` call."""
-
-  block: int  # P used per round
-  verify_lengths: list[int]
-  loop: speculative.LoopSpec
-  scheduler: Any = None
-
-  @classmethod
-  def make(cls, target, draft, num_draft_tokens, verify_lengths, n, acceptance: str = "exact",
-           scheduler=None, batch_size: int = 1, tree=None) -> "SpecSetup":
-    if tree is not None:
-      return cls._make_tree(target, draft, num_draft_tokens, verify_lengths, n, acceptance,
-                            scheduler, tree)
-    if acceptance not in speculative.ACCEPT_RULES:
-      raise ValueError(f"unknown acceptance rule {acceptance!r}; known: "
-                       f"{sorted(speculative.ACCEPT_RULES)}")
-    dcfg = draft.config
-    dcfg.check_target(target.config)
-    p = dcfg.block_size if num_draft_tokens is None else int(num_draft_tokens)
-    dcfg.check_block(p)
-    if verify_lengths is None:
-      ver = [p] * n
-    else:
-      ver = [int(v) for v in (verify_lengths if isinstance(verify_lengths, (list, tuple))
-                              else [verify_lengths] * n)]
-      if len(ver) != n or any(not 0 <= v <= p for v in ver):
-        raise ValueError(f"verify_lengths must be {n} values in [0, {p}]")
-    sched = profile.resolve_scheduler(scheduler, target, draft, batch=batch_size, num_draft=p)
-    budgets = () if sched is None or sched.policy == "fixed" else speculative.token_budgets(
-        batch_size, p)
-    loop = speculative.LoopSpec(runtime=draft.runtime, num_draft=p, budgets=budgets,
-                                accept_fn=speculative.ACCEPT_RULES[acceptance])
-    return cls(block=p, verify_lengths=ver, loop=loop, scheduler=sched)
-
-  @classmethod
-  def _make_tree(cls, target, draft, num_draft_tokens, verify_lengths, n, acceptance, scheduler,
-                 tree) -> "SpecSetup":
-    shape = speculative.TreeShape.parse(tree)
-    if not hasattr(draft.runtime, "propose_tree"):
-      raise ValueError(f"tree verification needs a block draft (DSpark or DFlash); this draft "
-                       f"is {draft.algorithm!r}")
-    if acceptance not in speculative.TREE_ACCEPT_RULES:
-      raise ValueError(f"unknown tree acceptance rule {acceptance!r}; known: "
-                       f"{sorted(speculative.TREE_ACCEPT_RULES)}")
-    p = shape.num_draft
-    if num_draft_tokens is not None and int(num_draft_tokens) != p:
-      raise ValueError(f"num_draft_tokens={num_draft_tokens} but tree {tree!r} has depth {p}")
-    if verify_lengths is not None:
-      raise ValueError("verify_lengths does not apply to tree verification (every node is "
-                       "verified)")
-    policy = getattr(scheduler, "policy", scheduler)
-    if policy not in (None, "auto", "fixed"):
-      raise ValueError(f"tree verification verifies the whole tree; scheduler {policy!r} "
-                       "applies to chains only (use scheduler=None)")
-    draft.config.check_target(target.config)
-    draft.config.check_block(p)
-    loop = speculative.LoopSpec(runtime=draft.runtime, num_draft=p,
-                                accept_fn=speculative.TREE_ACCEPT_RULES[acceptance], tree=shape)
-    return cls(block=p, verify_lengths=[p] * n, loop=loop)
-
-  @property
-  def extra_capacity(self) -> int:
-    return self.block + 1  # verify writes up to P+1 slots past the committed length
-
-
 def generate(target, prompts: Sequence, *, draft=None, max_new_tokens: int | Sequence[int] = 64,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              stop_tokens=None, batch_size: int | None = None,
              request_ids: Sequence[int] | None = None, max_cache_len: int | None = None,
              num_draft_tokens: int | None = None, verify_lengths=None,
              acceptance: str = "exact", scheduler=None, tree=None, progress: bool = False,
-             time_split: bool = False) -> GenerationResult:
+             time_split: bool = False, batching: str = "static") -> GenerationResult:
   """Generates continuations for a list of prompts.
 
   Args:
@@ -246,6 +181,12 @@ def generate(target, prompts: Sequence, *, draft=None, max_new_tokens: int | Seq
     progress: show a progress bar over batches.
     time_split: (speculative) also measure per-call propose / verify times and fill
       `stats.draft_time_s` / `verify_time_s` (costs two extra compilations).
+    batching: "static": the prompts run in padded batches of `batch_size` rows, each until
+      its slowest row ends (one device call per batch). "continuous": `batch_size` slots of
+      the continuous batcher (`engine.batcher`); a prompt takes the next free slot as soon
+      as a row ends, so short answers do not wait for long ones (a host round trip per
+      finished row and a prefill per admission; not with `verify_lengths`/`time_split`).
+      Both give every prompt the same tokens.
 
   Returns:
     GenerationResult.
@@ -265,6 +206,10 @@ def generate(target, prompts: Sequence, *, draft=None, max_new_tokens: int | Seq
   bs = batch_size or min(n, 8)
   if bs < 1:
     raise ValueError(f"batch_size must be >= 1, got {bs}")
+  if batching not in ("static", "continuous"):
+    raise ValueError(f"batching must be 'static' or 'continuous', got {batching!r}")
+  if batching == "continuous" and (verify_lengths is not None or time_split):
+    raise ValueError("verify_lengths and time_split need batching='static'")
   spec = None
   if draft is not None:
     spec = SpecSetup.make(target, draft, num_draft_tokens, verify_lengths, n, acceptance,
@@ -277,6 +222,11 @@ def generate(target, prompts: Sequence, *, draft=None, max_new_tokens: int | Seq
           f"cache positions but the limit is {limit} (max_cache_len / max_position_embeddings)")
 
   params = sampling.SamplingParams.make(temperature, top_k, top_p)
+  if batching == "continuous":
+    return _generate_continuous(target, draft, ids, max_new, stops, rids, temperature=temperature,
+                                top_k=top_k, top_p=top_p, seed=seed, slots=bs,
+                                num_draft_tokens=num_draft_tokens, acceptance=acceptance,
+                                scheduler=scheduler, tree=tree, progress=progress)
   seed_key = jax.random.key(seed)
   engine = Engine.for_target(target)
   order = sorted(range(n), key=lambda i: -len(ids[i]))
@@ -346,34 +296,85 @@ def generate(target, prompts: Sequence, *, draft=None, max_new_tokens: int | Seq
   if bar is not None:
     bar.close()
 
-  total = sum(len(t) for t in out_tokens)
-  stats = GenerationStats(num_tokens=[len(t) for t in out_tokens], finish_reasons=finish,
-                          wall_time_s=wall, tokens_per_second=total / max(wall, 1e-9),
-                          rounds=rounds)
-  if spec is not None:
-    flat = [a for row in accept_lengths for a in row]
-    stats.accept_lengths = accept_lengths
-    stats.verify_lengths = verify_used
-    stats.proposed = proposed
-    stats.confidence_logits = conf_logits
-    stats.scheduler = spec.scheduler.policy if spec.scheduler is not None else "fixed"
-    n_rounds = sum(len(r) for r in verify_used)
-    stats.verify_tokens_per_round = (
-        sum(v + 1 for r in verify_used for v in r) / n_rounds if n_rounds else None)
-    stats.tau = float(np.mean(flat)) if flat else None
-    stats.position_acceptance = [float(h / t) if t else None
-                                 for h, t in zip(pos_hits, pos_tries)]
-    stats.position_hits = [int(h) for h in pos_hits]
-    stats.position_tries = [int(t) for t in pos_tries]
-    hist = np.bincount(np.asarray(flat, np.int64), minlength=spec.block + 2)[1:]
-    stats.accept_histogram = [int(x) for x in hist]
-    if time_split:
-      split = profile.round_split(target, draft, [ids[i] for i in batches[0]],
-                                  num_draft=spec.block)
-      stats.draft_time_s = split["propose_ms"] * loop_iters / 1e3
-      stats.verify_time_s = split["verify_ms"] * loop_iters / 1e3
-      stats.extra["round_split_ms"] = split
+  stats = _stats(out_tokens, finish, wall, rounds, spec, accept_lengths, verify_used, proposed,
+                 conf_logits, pos_hits, pos_tries)
+  if spec is not None and time_split:
+    split = profile.round_split(target, draft, [ids[i] for i in batches[0]],
+                                num_draft=spec.block)
+    stats.draft_time_s = split["propose_ms"] * loop_iters / 1e3
+    stats.verify_time_s = split["verify_ms"] * loop_iters / 1e3
+    stats.extra["round_split_ms"] = split
+  return _result(target, out_tokens, ids, stats)
+
+
+def _result(target, out_tokens, ids, stats) -> GenerationResult:
   texts = None
   if target.tokenizer is not None:
     texts = [target.tokenizer.decode(t) for t in out_tokens]
   return GenerationResult(tokens=out_tokens, texts=texts, prompt_tokens=ids, stats=stats)
+
+
+def _stats(out_tokens, finish, wall, rounds, spec, accept_lengths, verify_used, proposed,
+           conf_logits, pos_hits, pos_tries) -> GenerationStats:
+  total = sum(len(t) for t in out_tokens)
+  stats = GenerationStats(num_tokens=[len(t) for t in out_tokens], finish_reasons=finish,
+                          wall_time_s=wall, tokens_per_second=total / max(wall, 1e-9),
+                          rounds=rounds)
+  if spec is None:
+    return stats
+  flat = [a for row in accept_lengths for a in row]
+  stats.accept_lengths = accept_lengths
+  stats.verify_lengths = verify_used
+  stats.proposed = proposed
+  stats.confidence_logits = conf_logits
+  stats.scheduler = spec.scheduler.policy if spec.scheduler is not None else "fixed"
+  n_rounds = sum(len(r) for r in verify_used)
+  stats.verify_tokens_per_round = (
+      sum(v + 1 for r in verify_used for v in r) / n_rounds if n_rounds else None)
+  stats.tau = float(np.mean(flat)) if flat else None
+  stats.position_acceptance = [float(h / t) if t else None for h, t in zip(pos_hits, pos_tries)]
+  stats.position_hits = [int(h) for h in pos_hits]
+  stats.position_tries = [int(t) for t in pos_tries]
+  hist = np.bincount(np.asarray(flat, np.int64), minlength=spec.block + 2)[1:]
+  stats.accept_histogram = [int(x) for x in hist]
+  return stats
+
+
+def _generate_continuous(target, draft, ids, max_new, stops, rids, *, temperature, top_k, top_p,
+                         seed, slots, num_draft_tokens, acceptance, scheduler, tree,
+                         progress) -> GenerationResult:
+  """`generate(batching="continuous")`: the prompts through a `ContinuousBatcher` of
+  `slots` rows (inputs validated by `generate`)."""
+  n = len(ids)
+  b = ContinuousBatcher(target, draft, slots=min(slots, n), max_new_tokens=max(max_new),
+                        max_prompt_len=max(len(p) for p in ids), seed=seed,
+                        num_draft_tokens=num_draft_tokens, scheduler=scheduler, tree=tree,
+                        acceptance=acceptance, max_stop_tokens=max(len(s) for s in stops))
+  reqs = [Request(prompt=ids[i], max_new_tokens=max_new[i], temperature=temperature,
+                  top_k=top_k, top_p=top_p, stop_tokens=stops[i], request_id=rids[i], id=i)
+          for i in range(n)]
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=n, desc="generate", unit="prompt")
+
+  def on_step(touched):
+    if bar is not None:
+      bar.update(sum(r.done for r in touched))
+
+  t0 = time.perf_counter()
+  b.run(reqs, progress=on_step)
+  wall = time.perf_counter() - t0
+  if bar is not None:
+    bar.close()
+  out_tokens = [r.tokens for r in reqs]
+  finish = [r.finish_reason for r in reqs]
+  spec = b.spec
+  stats = _stats(out_tokens, finish, wall, [r.rounds for r in reqs], spec,
+                 [r.accept_lengths for r in reqs] if spec else None,
+                 [r.verify_lengths for r in reqs] if spec else None,
+                 [r.proposed for r in reqs] if spec else None,
+                 [r.confidence_logits for r in reqs] if spec else None,
+                 b.counters.position_hits, b.counters.position_tries)
+  stats.extra["batching"] = "continuous"
+  return _result(target, out_tokens, ids, stats)

@@ -11,6 +11,9 @@
 # resumes where a killed run stopped. REGENERATE=1 first regenerates the answers not yet in
 # data/demo_v2/ (GSM8K questions, the recipe's code and chat prompts; hours on a CPU;
 # resumable); without it the GSM8K questions not regenerated keep their reference answers.
+# FLAGS adds config overrides to every stage (e.g. FLAGS="--config.train.max_steps=150
+# --config.data.reference_answers=False" for a smaller equal budget on the rows in
+# ROOT/dspark/data/regenerated.jsonl only).
 set -euo pipefail
 ROOT=${1:-runs/smollm2_demo}
 ALGORITHMS=${2:-dspark}
@@ -19,19 +22,19 @@ mkdir -p "$ROOT/dspark/data"
 [ -e "$ROOT/dspark/data/regenerated.jsonl" ] ||
   cp data/demo_v2/regenerated.jsonl "$ROOT/dspark/data/regenerated.jsonl"
 if [ "${REGENERATE:-0}" = 1 ]; then
-  python train.py --config=$CFG --workdir="$ROOT/dspark" --mode=generate_data
+  python train.py --config=$CFG --workdir="$ROOT/dspark" --mode=generate_data ${FLAGS:-}
 fi
 [ -e "$ROOT/dspark/data/tokens.npz" ] ||
-  python train.py --config=$CFG --workdir="$ROOT/dspark" --mode=tokenize
+  python train.py --config=$CFG --workdir="$ROOT/dspark" --mode=tokenize ${FLAGS:-}
 [ -e "$ROOT/dspark/features/manifest.json" ] ||
-  python train.py --config=$CFG --workdir="$ROOT/dspark" --mode=cache_features
+  python train.py --config=$CFG --workdir="$ROOT/dspark" --mode=cache_features ${FLAGS:-}
 for alg in $ALGORITHMS; do
   mkdir -p "$ROOT/$alg"
   [ "$alg" = dspark ] || [ -e "$ROOT/$alg/data" ] || ln -s "../dspark/data" "$ROOT/$alg/data"
   extra=""
   [ "$alg" = eagle3 ] && extra="--config.draft.vocab_size=0"  # Eagle3: full vocabulary
   python train.py --config=$CFG --workdir="$ROOT/$alg" --config.algorithm=$alg \
-      --config.features.cache_dir="$ROOT/dspark/features" $extra
+      --config.features.cache_dir="$ROOT/dspark/features" $extra ${FLAGS:-}
 done
 if [ "${INSTALL:-0}" != 1 ]; then
   echo "trained drafts are in $ROOT/*/draft; evaluate them, then rerun with INSTALL=1 to copy"

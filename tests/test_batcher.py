@@ -2,13 +2,14 @@
 admitted; per-request settings, stop strings, cancels and slot reuse."""
 
 import jax
+import numpy as np
 import pytest
 
 import dspark_jax as dj
 from dspark_jax.decoding import sampling
 from dspark_jax.demo import tiny as testing
 from dspark_jax.drafts import api as draft_api
-from dspark_jax.serving.batcher import ContinuousBatcher, Request, RequestError
+from dspark_jax.engine.batcher import ContinuousBatcher, Request, RequestError
 
 PROMPTS = [[1, 5, 9, 3, 10, 7, 8, 2, 3, 4, 11], [4, 2, 9, 1, 0], [7, 7], [3, 1, 4, 1, 5, 9, 2],
            [2, 8, 1], [9, 9, 9, 4, 4, 4, 1, 2, 3, 5, 6, 7, 8, 1, 2, 3, 4, 5], [6], [0, 1, 2]]
@@ -224,3 +225,28 @@ def test_a_step_returns_when_a_row_finishes_and_work_waits(target):
   b.step(max_rounds=16, stop_on_finish=False)  # runs to the end of the queued one and beyond
   assert queued.done and long_.done
   assert long_.tokens == _ref(target, None, 1, 16, 0.0)
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_generate_continuous_equals_static(target, draft, speculative):
+  """`generate(batching="continuous")` gives every prompt the tokens, finish reason and
+  per-round record of static batching: 8 prompts of mixed limits through 3 slots, sampled,
+  half of them with more stop ids than the batcher's default width."""
+  d = draft if speculative else None
+  kw = dict(draft=d, max_new_tokens=[5, 17, 9, 20, 3, 11, 14, 6], temperature=1.0, seed=5,
+            stop_tokens=[[]] * 4 + [[11, 10, 6, 3, 0]] * 4, batch_size=3)
+  static = dj.generate(target, PROMPTS, **kw)
+  cont = dj.generate(target, PROMPTS, batching="continuous", **kw)
+  assert cont.tokens == static.tokens
+  assert cont.stats.finish_reasons == static.stats.finish_reasons
+  assert "stop" in static.stats.finish_reasons and "length" in static.stats.finish_reasons
+  assert cont.stats.rounds == static.stats.rounds
+  if speculative:
+    for f in ("accept_lengths", "verify_lengths", "proposed", "position_hits", "position_tries",
+              "accept_histogram", "tau"):
+      assert getattr(cont.stats, f) == getattr(static.stats, f), f
+    # Same rounds; the logits may differ in the last float bits (other batch shapes).
+    for c, s in zip(cont.stats.confidence_logits, static.stats.confidence_logits):
+      np.testing.assert_allclose(np.asarray(c), np.asarray(s), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="batching must be"):
+    dj.generate(target, PROMPTS[:1], batching="dynamic")

@@ -14,7 +14,7 @@ import pytest
 
 import dspark_jax as dj
 from dspark_jax.serving import jobs
-from dspark_jax.serving.batcher import ContinuousBatcher
+from dspark_jax.engine.batcher import ContinuousBatcher
 from dspark_jax.serving.chat import chat_loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -24,7 +24,7 @@ def target():
 
 @pytest.fixture(scope="module")
 def server(target):
-  from dspark_jax.serving.batcher import ContinuousBatcher
+  from dspark_jax.engine.batcher import ContinuousBatcher
   from dspark_jax.serving.server import Server
   batcher = ContinuousBatcher(target, None, slots=8, max_new_tokens=MAX_NEW, rounds_per_step=4,
                               max_prompt_len=200)
@@ -145,7 +145,7 @@ def test_load_64_concurrent_streams_lose_nothing(target, server, client):
 
   import jax
 
-  from dspark_jax.serving.batcher import Request
+  from dspark_jax.engine.batcher import Request
   prompts = [f"{chr(97 + i % 26)} {i}" for i in range(8)]
   expected = {p: _offline(target, target.tokenizer.encode(p), 6)[0] for p in prompts}
 

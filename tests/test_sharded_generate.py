@@ -151,7 +151,7 @@ SERVE_SCRIPT = """
 import ml_collections
 from configs import serve as serve_config
 from dspark_jax.serving import app
-from dspark_jax.serving.batcher import Request
+from dspark_jax.engine.batcher import Request
 out = sys.argv[1]
 ckpt = os.path.join(out, "target")
 dirs = write_drafts(write_checkpoint(ckpt), out)

@@ -232,7 +232,7 @@ def test_tree_generation_with_pallas_kernels_equals_default(target, temperature,
 def test_continuous_batcher_with_a_tree_matches_generate(target):
   """Tree rounds in the server's batcher: every request (greedy and sampled rows in one
   batch, admitted as slots free up) equals its own `generate` with the same tree."""
-  from dspark_jax.serving.batcher import ContinuousBatcher, Request
+  from dspark_jax.engine.batcher import ContinuousBatcher, Request
   draft = draft_api.init_draft(target, "dspark", num_layers=1, block_size=3,
                                target_layer_ids=(0, 1), markov_rank=8, seed=0)
   b = ContinuousBatcher(target, draft, slots=2, max_new_tokens=12, rounds_per_step=2, seed=3,

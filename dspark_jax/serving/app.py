@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from dspark_jax.serving import jobs
-from dspark_jax.serving.batcher import ContinuousBatcher
+from dspark_jax.engine.batcher import ContinuousBatcher
 
 MODES = ("batch", "server", "chat")
 

@@ -146,7 +146,7 @@ def offline_compare(target, draft, prompts, *, slots: int, max_tokens: int,
   the same chat prompts, greedy with natural stops; both warm. Outputs must be equal."""
   import dspark_jax as dj
   from dspark_jax.engine import profile
-  from dspark_jax.serving.batcher import ContinuousBatcher, Request
+  from dspark_jax.engine.batcher import ContinuousBatcher, Request
   tok = target.tokenizer
   ids = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
   kw = dict(draft=draft, scheduler=scheduler if draft is not None else None)
@@ -242,7 +242,7 @@ def main(argv=None) -> dict:
 
   import dspark_jax as dj
   from dspark_jax.engine import profile
-  from dspark_jax.serving.batcher import ContinuousBatcher
+  from dspark_jax.engine.batcher import ContinuousBatcher
   from dspark_jax.serving.server import Server
   from dspark_jax.serving.jobs import DEMO_PROMPTS, read_prompts
   prompts = list(DEMO_PROMPTS)

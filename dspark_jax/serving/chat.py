@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, TextIO
 
-from dspark_jax.serving.batcher import ContinuousBatcher, Request, RequestError
+from dspark_jax.engine.batcher import ContinuousBatcher, Request, RequestError
 
 HELP = "commands: /reset (new conversation), /exit (quit)"
 

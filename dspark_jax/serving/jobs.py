@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dspark_jax.serving.batcher import ContinuousBatcher, Request, RequestError
+from dspark_jax.engine.batcher import ContinuousBatcher, Request, RequestError
 
 DEMO_PROMPTS = (
     "What is the capital of France?",

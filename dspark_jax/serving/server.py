@@ -24,7 +24,7 @@ from typing import Any
 
 from fastapi import Request as HTTPRequest  # module level: FastAPI resolves handler annotations here
 
-from dspark_jax.serving.batcher import ContinuousBatcher, Request, RequestError
+from dspark_jax.engine.batcher import ContinuousBatcher, Request, RequestError
 
 log = logging.getLogger(__name__)
 

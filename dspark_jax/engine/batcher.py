@@ -38,6 +38,7 @@ import numpy as np
 from dspark_jax.decoding import sampling
 from dspark_jax.decoding.state import Batch
 from dspark_jax.engine import Engine, bucket
+from dspark_jax.engine.spec_setup import SpecSetup
 
 
 class RequestError(ValueError):
@@ -78,7 +79,12 @@ class Request:
   done: bool = False
   finish_reason: str | None = None  # "stop" | "length" | "cancelled"
   rounds: int = 0
+  # Speculative only, per round: tokens committed, drafts verified, whether the round
+  # proposed, the raw confidence logits [P] (what `GenerationStats` reports per row).
   accept_lengths: list[int] = dataclasses.field(default_factory=list)
+  verify_lengths: list[int] = dataclasses.field(default_factory=list)
+  proposed: list[bool] = dataclasses.field(default_factory=list)
+  confidence_logits: list = dataclasses.field(default_factory=list)
   t_submit: float = 0.0
   t_first: float | None = None
   t_done: float | None = None
@@ -144,7 +150,8 @@ class ContinuousBatcher:
     max_new_tokens: O, the largest per-request limit accepted.
     max_prompt_len: the longest prompt accepted (default: what the model's context leaves).
     rounds_per_step: rounds per device call between admissions (latency vs host overhead).
-    num_draft_tokens / scheduler / tree: as in `generate`.
+    num_draft_tokens / scheduler / tree / acceptance: as in `generate`.
+    max_stop_tokens: the most stop ids a request may carry (the stop-id array's width).
     seed: RNG seed shared by all requests (each has its own request id stream).
     background_compile: when fewer rows are live than the smallest compiled program covers,
       keep running that program and compile the smaller one on a helper thread (a compile
@@ -154,8 +161,8 @@ class ContinuousBatcher:
   def __init__(self, target, draft=None, *, slots: int = 8, max_new_tokens: int = 256,
                max_prompt_len: int | None = None, rounds_per_step: int = 4,
                num_draft_tokens: int | None = None, scheduler="fixed", seed: int = 0,
-               tree=None, background_compile: bool = True):
-    from dspark_jax import generation  # SpecSetup: validation shared with generate
+               tree=None, background_compile: bool = True, acceptance: str = "exact",
+               max_stop_tokens: int = 4):
     if slots < 1:
       raise ValueError(f"slots must be >= 1, got {slots}")
     if max_new_tokens < 1:
@@ -166,7 +173,7 @@ class ContinuousBatcher:
     self.slots = slots
     self.spec = None
     if draft is not None:
-      self.spec = generation.SpecSetup.make(target, draft, num_draft_tokens, None, slots,
+      self.spec = SpecSetup.make(target, draft, num_draft_tokens, None, slots, acceptance,
                                             scheduler=scheduler, batch_size=bucket(slots, 1),
                                             tree=tree)
     extra = self.spec.extra_capacity if self.spec else 0
@@ -197,7 +204,7 @@ class ContinuousBatcher:
     self._temp = np.zeros((slots,), np.float32)
     self._top_k = np.zeros((slots,), np.int32)
     self._top_p = np.ones((slots,), np.float32)
-    self._stops = max(4, len(target.stop_token_ids))
+    self._stops = max(max_stop_tokens, len(target.stop_token_ids))
     self.state = None
     self.background_compile = background_compile
     # Decode-round programs by (rows, sampling-parameter structure): compiled, or being
@@ -490,11 +497,14 @@ class ContinuousBatcher:
 
   def _record_speculative(self, slot: int, r: Request) -> None:
     s = self.state
-    acc, ver, prop, hits, tries = jax.device_get((
-        s.accept_lens[slot], s.verify_lens[slot], s.proposed[slot], s.pos_hits[slot],
-        s.pos_tries[slot]))
+    acc, ver, prop, conf, hits, tries = jax.device_get((
+        s.accept_lens[slot], s.verify_lens[slot], s.proposed[slot], s.confidence[slot],
+        s.pos_hits[slot], s.pos_tries[slot]))
     nr = r.rounds
     r.accept_lengths = [int(a) for a in acc[:nr]]
+    r.verify_lengths = [int(v) for v in ver[:nr]]
+    r.proposed = [bool(x) for x in prop[:nr]]
+    r.confidence_logits = np.asarray(conf[:nr]).tolist()
     c = self.counters
     c.num_drafts += int(np.sum(prop[:nr]))
     c.num_draft_tokens += int(np.sum(ver[:nr]))
