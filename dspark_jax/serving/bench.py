@@ -41,7 +41,8 @@ flags.DEFINE_string("draft", "demo", "load_draft path of the speculative decoder
                     flag_values=FLAGS)
 flags.DEFINE_list("decoders", ["ar", "fixed", "scheduled"], "ar | fixed | scheduled",
                   flag_values=FLAGS)
-flags.DEFINE_list("concurrency", ["1", "4", "16", "64"], "concurrent clients per level",
+flags.DEFINE_list("concurrency", ["1", "4", "16", "64"], "concurrent clients per level "
+                  "(empty: no server levels, only the offline comparison)",
                   flag_values=FLAGS)
 flags.DEFINE_integer("requests_per_client", 2, "requests each client sends per level",
                      flag_values=FLAGS)
@@ -53,8 +54,8 @@ flags.DEFINE_list("sla", ["2", "5", "10", "20"], "per-user tokens/s targets", fl
 flags.DEFINE_string("eval_dir", os.path.join("..", "shared", "data", "eval"),
                     "DeepSpec eval sets (first turns are the prompts); built-in prompts if absent",
                     flag_values=FLAGS)
-flags.DEFINE_integer("offline_prompts", 32, "also compare offline static batching (`generate`) "
-                     "with the continuous batcher on this many eval prompts, natural stops "
+flags.DEFINE_integer("offline_prompts", 32, "also compare `generate` with static batches and "
+                     "with batching='continuous' on this many eval prompts, natural stops "
                      "(0: skip)", flag_values=FLAGS)
 flags.DEFINE_integer("offline_max_tokens", 96, "token limit of the offline comparison",
                      flag_values=FLAGS)
@@ -140,34 +141,28 @@ def run_level(port: int, prompts, concurrency: int, per_client: int, max_tokens:
 
 
 def offline_compare(target, draft, prompts, *, slots: int, max_tokens: int,
-                    scheduler: str, rounds_per_step: int) -> dict:
-  """Static batches (`generate`: each batch of `slots` rows runs until its longest row ends)
-  against the continuous batcher (a finished row's slot takes the next prompt at once) on
-  the same chat prompts, greedy with natural stops; both warm. Outputs must be equal."""
+                    scheduler: str) -> dict:
+  """`generate` with static batches (each batch of `slots` rows runs until its longest row
+  ends) against `generate(batching="continuous")` (a finished row's slot takes the next
+  prompt at once) on the same chat prompts, greedy with natural stops; both warm. Outputs
+  must be equal."""
   import dspark_jax as dj
   from dspark_jax.engine import profile
-  from dspark_jax.engine.batcher import ContinuousBatcher, Request
   tok = target.tokenizer
   ids = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
-  kw = dict(draft=draft, scheduler=scheduler if draft is not None else None)
-  static = lambda: dj.generate(target, ids, batch_size=slots, max_new_tokens=max_tokens, **kw)
-  batcher = ContinuousBatcher(target, draft, slots=slots, max_new_tokens=max_tokens,
-                              rounds_per_step=rounds_per_step, max_prompt_len=256,
-                              scheduler=scheduler)
-
-  def continuous():
-    return batcher.run([Request(prompt=x, max_new_tokens=max_tokens, request_id=i)
-                        for i, x in enumerate(ids)])
-
+  kw = dict(draft=draft, scheduler=scheduler if draft is not None else None, batch_size=slots,
+            max_new_tokens=max_tokens)
+  static = lambda: dj.generate(target, ids, **kw)
+  continuous = lambda: dj.generate(target, ids, batching="continuous", **kw)
   static(), continuous()  # compile
   t_static, res = profile.median_time(static, 1)
-  t_cont, reqs = profile.median_time(continuous, 1)
-  n_static, n_cont = sum(len(t) for t in res.tokens), sum(len(r.tokens) for r in reqs)
+  t_cont, cont = profile.median_time(continuous, 1)
+  n_static, n_cont = sum(len(t) for t in res.tokens), sum(len(t) for t in cont.tokens)
   return {"prompts": len(ids), "slots": slots, "max_tokens": max_tokens,
           "static_tok_s": n_static / t_static, "continuous_tok_s": n_cont / t_cont,
           "continuous_vs_static": (n_cont / t_cont) / (n_static / t_static),
-          "tokens": n_cont, "same_tokens": [r.tokens for r in reqs] == res.tokens,
-          "mean_len": n_cont / len(ids), "max_len": max(len(r.tokens) for r in reqs)}
+          "tokens": n_cont, "same_tokens": cont.tokens == res.tokens,
+          "mean_len": n_cont / len(ids), "max_len": max(len(t) for t in cont.tokens)}
 
 
 def at_sla(levels: list[dict], sla: float) -> dict | None:
@@ -180,9 +175,10 @@ def at_sla(levels: list[dict], sla: float) -> dict | None:
 
 
 def markdown(res: dict) -> str:
-  lines = [f"\n{res['setting']}\n",
-           "| decoder | C | tok/s | per-user tok/s p50 | latency p50 / p99 s | "
-           "TTFT p50 / p99 s | RSS MiB after |", "|---|---|---|---|---|---|---|"]
+  lines = [f"\n{res['setting']}\n"]
+  if res["decoders"]:
+    lines += ["| decoder | C | tok/s | per-user tok/s p50 | latency p50 / p99 s | "
+              "TTFT p50 / p99 s | RSS MiB after |", "|---|---|---|---|---|---|---|"]
   for name, d in res["decoders"].items():
     for lv in d["levels"]:
       lines.append(f"| {name} | {lv['concurrency']} | {lv['throughput_tok_s']:.1f} | "
@@ -195,6 +191,8 @@ def markdown(res: dict) -> str:
     for name, o in res["offline"].items():
       lines.append(f"| {name} | {o['static_tok_s']:.1f} | {o['continuous_tok_s']:.1f} | "
                    f"{o['continuous_vs_static']:.2f} | {o['same_tokens']} |")
+  if not res["decoders"]:
+    return "\n".join(lines)
   lines += ["", "| decoder | " + " | ".join(f"tok/s at ≥{s} tok/s/user" for s in res["sla"])
             + " |", "|---|" + "---|" * len(res["sla"])]
   for name, d in res["decoders"].items():
@@ -233,8 +231,10 @@ def main(argv=None) -> dict:
   if bad:
     raise SystemExit(f"error: unknown decoder(s) {bad}; choose from {DECODERS}")
   levels = [int(c) for c in args.concurrency if c]
-  if not levels or min(levels) < 1:
+  if min(levels, default=1) < 1:
     raise SystemExit("error: --concurrency needs positive integers")
+  if not levels and not args.offline_prompts:
+    raise SystemExit("error: nothing to run: give --concurrency levels and/or --offline_prompts")
   args.eval_dir, args.out = cli.repo_path(args.eval_dir), cli.repo_path(args.out)
   stem = os.path.splitext(args.out)[0]
   cli.check_outputs([args.out, stem + ".md", stem + ".png"], args.overwrite)
@@ -242,8 +242,6 @@ def main(argv=None) -> dict:
 
   import dspark_jax as dj
   from dspark_jax.engine import profile
-  from dspark_jax.engine.batcher import ContinuousBatcher
-  from dspark_jax.serving.server import Server
   from dspark_jax.serving.jobs import DEMO_PROMPTS, read_prompts
   prompts = list(DEMO_PROMPTS)
   if os.path.isdir(args.eval_dir):
@@ -259,9 +257,11 @@ def main(argv=None) -> dict:
       [{"role": "user", "content": p}])) <= 256] or list(DEMO_PROMPTS)
   res = {"target": args.target, "draft": args.draft, "backend": jax.default_backend(),
          "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-         "setting": f"{args.slots} slots, greedy, {args.max_tokens} tokens/request "
-                    f"(ignore_eos), {args.requests_per_client} requests per client, streaming "
-                    "chat completions over localhost HTTP",
+         "setting": (f"{args.slots} slots, greedy, {args.max_tokens} tokens/request "
+                     f"(ignore_eos), {args.requests_per_client} requests per client, streaming "
+                     "chat completions over localhost HTTP") if levels else
+                    (f"offline only: {args.offline_prompts} eval prompts through {args.slots} "
+                     f"slots, greedy, natural stops, at most {args.offline_max_tokens} tokens"),
          "title": f"{args.target}, {args.slots} slots, {jax.default_backend()}",
          "sla": [float(s) for s in args.sla], "args": vars(args), "decoders": {}}
   for name in args.decoders:
@@ -271,44 +271,54 @@ def main(argv=None) -> dict:
                                                    measure=False) is None:
       print("profiling verify cost per token count (cached) ...", file=sys.stderr, flush=True)
       profile.sps_profile(target, d, batch=args.slots)
-    batcher = ContinuousBatcher(target, d, slots=args.slots, max_new_tokens=args.max_tokens,
-                                rounds_per_step=args.rounds_per_step, scheduler=scheduler,
-                                max_prompt_len=256)
-    srv = Server(target, batcher, port=0, model_name=args.target, max_waiting=4096).start()
-    try:
-      # Compile first: the batcher runs one program per live-row bucket (1, 2, 4, ... slots).
-      b = 1
-      while True:
-        run_level(srv.port, prompts, min(b, args.slots), 1, args.max_tokens)
-        if b >= args.slots:
-          break
-        b *= 2
-      out = res["decoders"][name] = {"levels": []}
-      for c in levels:
-        lv = run_level(srv.port, prompts, c, args.requests_per_client, args.max_tokens)
-        out["levels"].append(lv)
-        print(f"{name} C={c}: {lv['throughput_tok_s']:.1f} tok/s, per-user "
-              f"{lv['per_user_tok_s_p50']:.1f} tok/s, p99 latency {lv['latency_p99_s']:.1f} s",
-              file=sys.stderr, flush=True)
-      c = batcher.counters  # vLLM's mean acceptance length: 1 + accepted / drafts
-      out["tau"] = 1 + c.num_accepted_tokens / c.num_drafts if c.num_drafts else None
-      out["at_sla"] = {str(s): at_sla(out["levels"], s) for s in res["sla"]}
-    finally:
-      srv.stop()
+    if levels:
+      res["decoders"][name] = server_levels(args, name, target, d, scheduler, prompts,
+                                               levels, res)
     if args.offline_prompts:
       res.setdefault("offline", {})[name] = o = offline_compare(
           target, d, prompts[:args.offline_prompts], slots=args.slots,
-          max_tokens=args.offline_max_tokens, scheduler=scheduler,
-          rounds_per_step=args.rounds_per_step)
+          max_tokens=args.offline_max_tokens, scheduler=scheduler)
       print(f"{name} offline: static {o['static_tok_s']:.1f} tok/s, continuous "
             f"{o['continuous_tok_s']:.1f} tok/s (same tokens: {o['same_tokens']})",
             file=sys.stderr, flush=True)
   res["table"] = markdown(res)
   cli.write_json(args.out, res, table=res["table"])
-  plot(res, stem + ".png")
+  if res["decoders"]:
+    plot(res, stem + ".png")
   print(f"wrote {args.out}", file=sys.stderr)
   return res
 
+
+def server_levels(args, name: str, target, d, scheduler: str, prompts, levels, res) -> dict:
+  """The server part of `main` for one decoder: every concurrency level against a fresh
+  in-process server (warmed up first)."""
+  from dspark_jax.engine.batcher import ContinuousBatcher
+  from dspark_jax.serving.server import Server
+  batcher = ContinuousBatcher(target, d, slots=args.slots, max_new_tokens=args.max_tokens,
+                              rounds_per_step=args.rounds_per_step, scheduler=scheduler,
+                              max_prompt_len=256)
+  srv = Server(target, batcher, port=0, model_name=args.target, max_waiting=4096).start()
+  try:
+    # Compile first: the batcher runs one program per live-row bucket (1, 2, 4, ... slots).
+    b = 1
+    while True:
+      run_level(srv.port, prompts, min(b, args.slots), 1, args.max_tokens)
+      if b >= args.slots:
+        break
+      b *= 2
+    out = {"levels": []}
+    for c in levels:
+      lv = run_level(srv.port, prompts, c, args.requests_per_client, args.max_tokens)
+      out["levels"].append(lv)
+      print(f"{name} C={c}: {lv['throughput_tok_s']:.1f} tok/s, per-user "
+            f"{lv['per_user_tok_s_p50']:.1f} tok/s, p99 latency {lv['latency_p99_s']:.1f} s",
+            file=sys.stderr, flush=True)
+    c = batcher.counters  # vLLM's mean acceptance length: 1 + accepted / drafts
+    out["tau"] = 1 + c.num_accepted_tokens / c.num_drafts if c.num_drafts else None
+    out["at_sla"] = {str(s): at_sla(out["levels"], s) for s in res["sla"]}
+  finally:
+    srv.stop()
+  return out
 
 if __name__ == "__main__":
   main()
