@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from dspark_jax.decoding import sampling
-from dspark_jax.decoding import speculative
 from dspark_jax.decoding.state import Batch
 from dspark_jax.engine import Engine, bucket
 from dspark_jax.engine import profile

@@ -192,3 +192,16 @@ def test_benchmark_level_counts_every_token(server):
   assert bench.at_sla(levels, 3.0) == {"concurrency": 4, "throughput_tok_s": 12.0}
   assert bench.at_sla(levels, 8.0) == {"concurrency": 1, "throughput_tok_s": 5.0}
   assert bench.at_sla(levels, 10.0) is None
+
+
+def test_benchmark_offline_only_table_and_nothing_to_run():
+  """`--concurrency=` runs only the offline comparison: its table has no server rows; with
+  `--offline_prompts=0` too there is nothing to run, a one-line error before any loading."""
+  from dspark_jax.serving import bench
+  o = dict(static_tok_s=10.0, continuous_tok_s=8.0, continuous_vs_static=0.8, same_tokens=True)
+  table = bench.markdown({"setting": "offline only", "decoders": {}, "offline": {"ar": o},
+                          "sla": [5.0]})
+  assert "| ar | 10.0 | 8.0 | 0.80 | True |" in table
+  assert "per-user" not in table and "tok/s/user" not in table
+  with pytest.raises(SystemExit, match="nothing to run"):
+    bench.main(["--concurrency=", "--offline_prompts=0"])

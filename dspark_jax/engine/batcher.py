@@ -174,8 +174,7 @@ class ContinuousBatcher:
     self.spec = None
     if draft is not None:
       self.spec = SpecSetup.make(target, draft, num_draft_tokens, None, slots, acceptance,
-                                            scheduler=scheduler, batch_size=bucket(slots, 1),
-                                            tree=tree)
+                                 scheduler=scheduler, batch_size=bucket(slots, 1), tree=tree)
     extra = self.spec.extra_capacity if self.spec else 0
     limit = target.config.max_position_embeddings
     self.max_new_tokens = max_new_tokens

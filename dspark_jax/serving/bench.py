@@ -320,5 +320,6 @@ def server_levels(args, name: str, target, d, scheduler: str, prompts, levels, r
     srv.stop()
   return out
 
+
 if __name__ == "__main__":
   main()
