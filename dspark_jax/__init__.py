@@ -12,6 +12,7 @@ Public API (stable names):
   schedule_verify(confidence[R, P], sps[N+1], *, policy=...) -> lengths [R]
   fit_sts(logits[N, P], prefix_accepted[N, P]) -> temperatures [P]; calibration_report(...)
   restrict_vocab(draft, token_ids) -> a draft proposing over a reduced vocabulary
+  full_vocab(draft) -> the same draft proposing over the whole target vocabulary
   Engine(target): device buffers + the jitted loops (init / rounds / insert for servers)
 """
 
@@ -33,7 +34,7 @@ from dspark_jax.kernels.tree_accept import TreeShape
 # ---- scheduling, calibration, engine ----------------------------------------------------------
 from dspark_jax.scheduling import (Scheduler, calibration_report, fit_sts, propose_pays,
                                    schedule_verify)
-from dspark_jax.drafts.vocab import frequent_tokens, restrict_vocab
+from dspark_jax.drafts.vocab import frequent_tokens, full_vocab, restrict_vocab
 from dspark_jax.engine import Engine
 
 # ---- sharding ---------------------------------------------------------------------------------

@@ -13,13 +13,11 @@ ALG=${2:-dspark}
 STEPS=${3:-100 200 400 600}
 N=${4:-4}
 CFG=configs/smollm2_demo.py
-extra=""
-[ "$ALG" = eagle3 ] && extra="--config.draft.vocab_size=0"
 drafts=""
 for s in $STEPS; do
   [ -e "$ROOT/$ALG/draft_step$s/config.json" ] ||
     python train.py --config=$CFG --workdir="$ROOT/$ALG" --config.algorithm=$ALG --mode=export \
-        --config.train.export_step=$s $extra
+        --config.train.export_step=$s
   drafts="${drafts:+$drafts,}step$s=$ROOT/$ALG/draft_step$s"
 done
 drafts="$drafts,final=$ROOT/$ALG/draft"

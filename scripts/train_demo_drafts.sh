@@ -31,10 +31,8 @@ fi
 for alg in $ALGORITHMS; do
   mkdir -p "$ROOT/$alg"
   [ "$alg" = dspark ] || [ -e "$ROOT/$alg/data" ] || ln -s "../dspark/data" "$ROOT/$alg/data"
-  extra=""
-  [ "$alg" = eagle3 ] && extra="--config.draft.vocab_size=0"  # Eagle3: full vocabulary
   python train.py --config=$CFG --workdir="$ROOT/$alg" --config.algorithm=$alg \
-      --config.features.cache_dir="$ROOT/dspark/features" $extra ${FLAGS:-}
+      --config.features.cache_dir="$ROOT/dspark/features" ${FLAGS:-}
 done
 if [ "${INSTALL:-0}" != 1 ]; then
   echo "trained drafts are in $ROOT/*/draft; evaluate them, then rerun with INSTALL=1 to copy"

@@ -77,3 +77,19 @@ def test_bench_refuses_to_overwrite_results(tmp_path):
     bench.main(["--target=tiny", f"--out={out}"])
   assert out.read_text() == "{}"
   assert not bench.FLAGS["out"].default.startswith("bench_results")  # committed results
+
+
+def test_bench_full_vocab_too_adds_the_lifted_copy(tmp_path):
+  """A draft over a reduced vocabulary is also run with the same weights over all of it."""
+  import dspark_jax as dj
+  target = dj.load_target("tiny")
+  full = dj.init_draft(target, "eagle3", block_size=3, seed=1)
+  ids = list(range(0, target.config.vocab_size, 2))
+  dj.save_draft(dj.restrict_vocab(full, ids), tmp_path / "e3", target=target)
+  res = bench.main(["--target=tiny", "--skip_hf", "--no_random_draft", "--batch_sizes=2",
+                    "--max_new_tokens=8", "--repeats=1", "--split_rounds=2",
+                    "--eval_dir=" + str(tmp_path / "none"), f"--drafts=e3={tmp_path / 'e3'}",
+                    "--full_vocab_too", f"--out={tmp_path / 'bench.json'}"])
+  spec = res["batches"]["2"]["spec"]
+  assert set(spec) == {"e3", "e3@full"}
+  assert all(s["greedy_equal"] is True and s["split"]["propose_ms"] > 0 for s in spec.values())

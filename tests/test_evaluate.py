@@ -88,3 +88,32 @@ def test_evaluate_refuses_to_overwrite_results(tmp_path):
   assert evaluate.FLAGS["out"].default == os.path.join("runs", "eval", "eval.json")
   with pytest.raises(SystemExit, match="Unknown command line flag 'outt'"):
     evaluate.main(["--outt=x"])
+
+
+def test_merge_evals_joins_drafts_of_one_setting_and_refuses_others(tmp_path):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "merge_evals", os.path.join(os.path.dirname(__file__), "..", "scripts", "merge_evals.py"))
+  merge_evals = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(merge_evals)
+
+  def run(name, tau, **args):
+    per = {"gsm8k": {"tau": tau}}
+    base = dict(num_prompts=8, shuffle_seed=0, max_new_tokens=64, temperature=0.0, seed=0)
+    return {"target": "t", "setting": "greedy", "domains": ["gsm8k"], "ar": {},
+            "args": dict(base, **args),
+            "drafts": {name: {"per_domain": per, "mean_tau_over_sets": tau, "mean_tau": tau}}}
+
+  paths = []
+  for i, r in enumerate([run("a", 1.5), run("b", 1.25), run("c", 2.0, num_prompts=4),
+                         run("a", 1.0)]):
+    paths.append(str(tmp_path / f"{i}.json"))
+    with open(paths[-1], "w") as f:
+      json.dump(r, f)
+  merged = merge_evals.merge(paths[:2])
+  assert list(merged["drafts"]) == ["a", "b"]
+  assert "| gsm8k | 1.50 | 1.25 |" in merged["table"]
+  with pytest.raises(SystemExit, match="num_prompts"):
+    merge_evals.merge([paths[0], paths[2]])
+  with pytest.raises(SystemExit, match="in two files"):
+    merge_evals.merge([paths[0], paths[3]])

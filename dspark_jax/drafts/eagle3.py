@@ -4,7 +4,9 @@ Layer 0 reads `[input_layernorm(embed(x_{j+1})) ; hidden_norm(h_j)]` (2D wide, e
 half first) with `h_j` as the residual stream; further layers (an extension: DeepSpec uses
 one) are ordinary decoder layers. `h_0 = fc(taps)` for positions whose target features
 are known; during drafting the draft feeds back its own (pre-norm) output instead.
-Logits = target LM head on `norm(h)` (+ Gemma final soft-cap).
+Logits = target LM head on `norm(h)` (+ Gemma final soft-cap); with a reduced draft
+vocabulary (`draft_vocab` ids `[N]`, EAGLE3's d2t) only those N columns, and proposals map
+back to target ids (q = 0 elsewhere, which exact rejection sampling handles).
 
 Cache convention: the draft cache entry at RoPE position j is built from (hidden of
 position j, token at position j+1). With L committed tokens and anchor x_L, entries
@@ -25,6 +27,7 @@ from dspark_jax.decoding import sampling
 from dspark_jax.decoding.cache import KVCache
 from dspark_jax.decoding.state import Proposal
 from dspark_jax.drafts.config import DraftConfig
+from dspark_jax.drafts.runtime import to_target_vocab
 from dspark_jax.models import layers
 from dspark_jax.models import rope as rope_lib
 from dspark_jax.models.transformer import DecoderLayer
@@ -54,9 +57,15 @@ class Eagle3Draft(nnx.Module):
                            [DecoderLayer(lc, i, dtype=dtype, rngs=rngs)
                             for i in range(1, lc.num_layers)])
     self.norm = layers.RMSNorm(lc.hidden_size, **lc.norm_kwargs(dtype))
+    self.draft_vocab = (layers.Buffer(jnp.arange(dcfg.draft_vocab_size, dtype=jnp.int32))
+                        if dcfg.draft_vocab_size else None)
     # Mirrors ParallelDraft's interface for code that inspects heads.
     self.markov_head = None
     self.confidence_head = None
+
+  def vocab_ids(self) -> Array | None:
+    """Target ids `[N]` of the draft vocabulary, or None (the full vocabulary)."""
+    return None if self.draft_vocab is None else self.draft_vocab[...]
 
   def project(self, taps: Array) -> Array:
     return self.fc(taps.astype(self.fc.kernel.dtype))
@@ -74,7 +83,8 @@ class Eagle3Draft(nnx.Module):
     return h
 
   def logits(self, tmodel, h: Array) -> Array:
-    return tmodel.logits_from_hidden(self.norm(h))
+    """`[..., D]` -> float32 `[..., V]` (`[..., N]`: the draft vocabulary's columns)."""
+    return tmodel.logits_from_hidden(self.norm(h), self.vocab_ids())
 
 
 def cached_forward(draft: Eagle3Draft, cache: KVCache, h: Array, e: Array, positions: Array):
@@ -128,22 +138,30 @@ class Eagle3Runtime:
   def propose(draft, tmodel, state, anchor: Array, anchor_pos: Array, keys: Array, params,
               num_draft: int) -> Proposal:
     cache, seed = state
+    ids = draft.vocab_ids()
 
     def step(carry, k):
       h, c = carry
-      z = draft.logits(tmodel, h)
+      z = draft.logits(tmodel, h)  # [B, V] or [B, N]
       kk = jax.vmap(lambda key: jax.random.fold_in(key, k))(keys)
-      tok = sampling.sample(kk, z, params, exact=False)
+      tok, q = sampling.sample_with_probs(kk, z, params, exact=False)
+      if ids is not None:
+        tok = ids[tok]  # draft column -> target id
       pos = (anchor_pos + k)[:, None]
       out, c = cached_forward(draft, c, h[:, None], tmodel.embed(tok[:, None]).astype(h.dtype),
                               pos)
-      return (out[:, 0], c), (tok, z)
+      return (out[:, 0], c), (tok, z, q if ids is not None else None)
 
     # The forward after the last sample only feeds a discarded entry; a scan keeps one
     # compiled step regardless of P.
-    _, (toks, z) = jax.lax.scan(step, (seed, cache), jnp.arange(num_draft))
-    return Proposal(tokens=jnp.swapaxes(toks, 0, 1), logits=jnp.swapaxes(z, 0, 1),
-                    confidence=None)
+    _, (toks, z, q) = jax.lax.scan(step, (seed, cache), jnp.arange(num_draft))
+    vocab = tmodel.cfg.vocab_size
+    z = to_target_vocab(jnp.swapaxes(z, 0, 1), ids, vocab)
+    # Over a draft vocabulary the verifier gets the sampled-from q itself (0 outside the N
+    # tokens), as DFlash's; over the full vocabulary it recomputes q from the logits.
+    probs = (None if ids is None or q is None else
+             to_target_vocab(jnp.swapaxes(q, 0, 1), ids, vocab, fill=0.0))
+    return Proposal(tokens=jnp.swapaxes(toks, 0, 1), logits=z, confidence=None, probs=probs)
 
   @staticmethod
   def commit(draft, tmodel, state, verify_taps: Array, verify_tokens: Array, n_acc: Array,

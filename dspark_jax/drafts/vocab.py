@@ -33,21 +33,35 @@ def frequent_tokens(token_lists: Iterable[Sequence[int]], n: int, vocab_size: in
 
 
 def restrict_vocab(draft, token_ids: Sequence[int]):
-  """A copy of `draft` (DSpark / DFlash) that proposes only `token_ids` (target ids)."""
-  from dspark_jax.drafts import api
-  if draft.algorithm == "eagle3":
-    raise ValueError("reduced draft vocabularies are implemented for DSpark/DFlash drafts only")
+  """A copy of `draft` that proposes only `token_ids` (target ids)."""
   ids = np.unique(np.asarray(token_ids, np.int64))
   vocab = draft.config.layer.vocab_size
   if ids.size == 0 or ids.min() < 0 or ids.max() >= vocab:
     raise ValueError(f"draft vocabulary ids must be a non-empty subset of [0, {vocab})")
-  cfg = dataclasses.replace(draft.config, draft_vocab_size=int(ids.size))
+  return _with_vocab(draft, ids)
+
+
+def full_vocab(draft):
+  """A copy of `draft` proposing over the whole target vocabulary (its weights unchanged: the
+  LM head is the target's and the Markov head has a row per target token), to measure what
+  a reduced vocabulary costs or saves."""
+  return _with_vocab(draft, None)
+
+
+def _with_vocab(draft, ids: np.ndarray | None):
+  from dspark_jax.drafts import api
+  cfg = dataclasses.replace(draft.config, draft_vocab_size=0 if ids is None else int(ids.size))
   module = api.build_module(cfg, draft.dtype, seed=0)
-  old = nnx.state(draft.module)
-  nnx.update(module, old)
-  module.draft_vocab.value = jnp.asarray(ids, jnp.int32)
+  weights = nnx.to_pure_dict(nnx.state(draft.module))
+  weights.pop("draft_vocab", None)
+  state = nnx.state(module)
+  nnx.replace_by_pure_dict(state, weights)
+  nnx.update(module, state)
+  if ids is not None:
+    module.draft_vocab.value = jnp.asarray(ids, jnp.int32)
   out = api.Draft(cfg, module, dtype=draft.dtype, path=draft.path)
   for attr in ("target", "source_dtype", "num_anchors", "step_loss_decay", "target_name"):
     if hasattr(draft, attr):
       setattr(out, attr, getattr(draft, attr))
   return out
+

@@ -50,9 +50,6 @@ def validate_config(config) -> None:
   if config.algorithm not in ("dspark", "dflash", "eagle3"):
     raise DraftConfigError(f"config.algorithm must be dspark, dflash or eagle3; got "
                            f"{config.algorithm!r}")
-  if config.algorithm == "eagle3" and config.draft.get("vocab_size", 0):
-    raise DraftConfigError("config.draft.vocab_size (a reduced draft vocabulary) is implemented "
-                           "for dspark and dflash drafts only")
   if config.algorithm != "eagle3" and config.draft.block_size < 2:
     raise DraftConfigError(f"config.draft.block_size must be >= 2, got {config.draft.block_size}")
   t = config.train
