@@ -29,7 +29,6 @@ the untracked `runs/`); an existing file is replaced only with `--overwrite`. Re
 from __future__ import annotations
 
 import glob
-import json
 import os
 import sys
 

@@ -21,7 +21,7 @@ def test_evaluate_tiny_end_to_end(tmp_path):
       for t in texts:
         f.write(json.dumps({"turns": [t]}) + "\n")
   out = tmp_path / "eval.json"
-  res = evaluate.main([f"--target=tiny", f"--drafts=d={tmp_path / 'draft'}",
+  res = evaluate.main(["--target=tiny", f"--drafts=d={tmp_path / 'draft'}",
                        f"--eval_dir={eval_dir}", "--num_prompts=2", "--max_new_tokens=8",
                        f"--out={out}"])
   saved = json.loads(out.read_text())  # strict JSON: no NaN anywhere

@@ -254,7 +254,6 @@ def test_two_host_run_matches_one_host(prepared, tmp_path):
 # Anchors, masks, padding.
 # ---------------------------------------------------------------------------------------------
 def test_anchors_inside_reply_unique_sorted():
-  rng = np.random.default_rng(0)
   b, s, n = 6, 40, 8
   mask = np.zeros((b, s), np.int32)
   lengths = np.array([40, 30, 20, 12, 40, 40], np.int32)

@@ -27,7 +27,7 @@ from dspark_jax.decoding import sampling
 from dspark_jax.decoding.cache import KVCache
 from dspark_jax.decoding.state import Proposal
 from dspark_jax.drafts.config import DraftConfig
-from dspark_jax.drafts.runtime import to_target_vocab
+from dspark_jax.drafts.runtime import position_keys, to_target_vocab
 from dspark_jax.models import layers
 from dspark_jax.models import rope as rope_lib
 from dspark_jax.models.transformer import DecoderLayer
@@ -143,8 +143,7 @@ class Eagle3Runtime:
     def step(carry, k):
       h, c = carry
       z = draft.logits(tmodel, h)  # [B, V] or [B, N]
-      kk = jax.vmap(lambda key: jax.random.fold_in(key, k))(keys)
-      tok, q = sampling.sample_with_probs(kk, z, params, exact=False)
+      tok, q = sampling.sample_with_probs(position_keys(keys, k), z, params, exact=False)
       if ids is not None:
         tok = ids[tok]  # draft column -> target id
       pos = (anchor_pos + k)[:, None]

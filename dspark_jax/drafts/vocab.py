@@ -64,4 +64,3 @@ def _with_vocab(draft, ids: np.ndarray | None):
     if hasattr(draft, attr):
       setattr(out, attr, getattr(draft, attr))
   return out
-
