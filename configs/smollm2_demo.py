@@ -6,8 +6,9 @@ Recipe (rerun with `REGENERATE=1 bash scripts/train_demo_drafts.sh ROOT "dspark 
     itself (T=0.7, top-p 0.8, top-k 20, <= 256 new tokens; resumable, a rerun skips done
     ids). Training uses the rows regenerated so far; a GSM8K question not regenerated yet
     keeps GSM8K's reference answer, calculator annotations removed
-    (`data.reference_answers`). The run of 2026-12-05 had 7,985 rows: every GSM8K question,
-    377 code and 135 chat prompts (2.17M tokens, 1.46M of them in replies);
+    (`data.reference_answers`). The committed draft (2026-12-08) used all 8,241 rows of
+    data/demo_v2: every GSM8K question and 768 code/chat prompts (2.25M tokens, 1.50M of them
+    in replies), with `--config.data.reference_answers=False`;
   * target features cached once (bf16 tensorstore, length-bucketed, resumable), shared by the
     three drafts;
   * drafts of the same depth (2 layers), taps (1, 14, 27), block 5, Markov rank 64 (DSpark),
